@@ -1,0 +1,124 @@
+"""Command line: convert UNITER checkpoints between PyTorch and Flax.
+
+  python -m uniter_jax.convert to-flax --task vqa [--model-config C.json] \
+      uniter-vqa.pt out_dir
+  python -m uniter_jax.convert to-torch --task vqa out_dir uniter-vqa.pt
+  python -m uniter_jax.convert bert-to-uniter bert/pytorch_model.bin \
+      uniter-base-init.pt        # or a directory: a Flax checkpoint
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+from uniter_jax import model as um
+from uniter_jax.convert import core
+
+
+def _n_params(sd) -> int:
+  seen, n = set(), 0
+  for v in sd.values():
+    if id(v) not in seen:
+      seen.add(id(v))
+      n += int(np.prod(np.shape(v)))
+  return n
+
+
+def _to_flax(args) -> None:
+  sd, dtype = core.read_state_dict(args.src)
+  cfg = core._model_cfg(args.model_config)  # pylint: disable=protected-access
+  head_kwargs = core.infer_head_kwargs(args.task, sd)
+  if args.task in ("vqa", "ve") and "vqa_output.3.weight" in sd:
+    head_kwargs["num_answer"] = int(sd["vqa_output.3.weight"].shape[0])
+  params = core.torch_to_flax(sd, args.task, cfg, scan_layers=args.scan_layers,
+                              source=args.src, **head_kwargs)
+  core.save_flax(args.dst, params, args.task, cfg, head_kwargs=head_kwargs,
+                 source_dtype=dtype, overwrite=args.force)
+  print(f"converted {len(sd)} tensors ({_n_params(sd):,} parameters, "
+        f"{dtype}) for task '{args.task}' -> {os.path.abspath(args.dst)}")
+
+
+def _to_torch(args) -> None:
+  params, meta = core.load_flax(args.src)
+  if meta["task"] != args.task:
+    raise core.ConversionError(
+        f"{args.src}: converted for task '{meta['task']}', not '{args.task}'")
+  if os.path.exists(args.dst) and not args.force:
+    raise core.ConversionError(f"{args.dst}: already exists (use --force)")
+  dtype = meta.get("source_dtype", "float32") if args.dtype == "source" \
+      else args.dtype
+  sd = core.flax_to_torch(params, args.task, meta["model_config"],
+                          dtype=np.dtype(dtype), **meta.get("head_kwargs", {}))
+  core.write_state_dict(sd, args.dst)
+  print(f"wrote {len(sd)} tensors ({_n_params(sd):,} parameters, {dtype}) "
+        f"for task '{args.task}' -> {os.path.abspath(args.dst)}")
+
+
+def _bert_to_uniter(args) -> None:
+  bert, _ = core.read_state_dict(args.src)
+  cfg = core._model_cfg(args.model_config)  # pylint: disable=protected-access
+  sd = core.bert_to_uniter(bert, cfg, seed=args.seed, source=args.src)
+  if args.dst.endswith((".pt", ".bin")):
+    if os.path.exists(args.dst) and not args.force:
+      raise core.ConversionError(f"{args.dst}: already exists (use --force)")
+    core.write_state_dict(sd, args.dst)
+  else:
+    params = core.torch_to_flax(sd, "pretrain", cfg, source=args.src)
+    core.save_flax(args.dst, params, "pretrain", cfg, overwrite=args.force)
+  print(f"UNITER pretraining init from {args.src} -> "
+        f"{os.path.abspath(args.dst)}")
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(prog="python -m uniter_jax.convert",
+                              description=__doc__,
+                              formatter_class=argparse.RawTextHelpFormatter)
+  sub = p.add_subparsers(dest="cmd", required=True)
+  tasks = sorted(um.TASKS)
+
+  a = sub.add_parser("to-flax", help="official .pt -> Flax directory")
+  a.add_argument("--task", required=True, choices=tasks)
+  a.add_argument("--model-config", default=None,
+                 help="official JSON model config (default: UNITER-base)")
+  a.add_argument("--scan-layers", action="store_true",
+                 help="store the encoder in the stacked nn.scan layout")
+  a.add_argument("--force", action="store_true", help="replace DST_DIR")
+  a.add_argument("src", metavar="SRC.pt")
+  a.add_argument("dst", metavar="DST_DIR")
+  a.set_defaults(fn=_to_flax)
+
+  b = sub.add_parser("to-torch", help="Flax directory -> official .pt")
+  b.add_argument("--task", required=True, choices=tasks)
+  b.add_argument("--dtype", default="source",
+                 choices=["source", "float32", "float16"],
+                 help="tensor dtype (default: that of the converted .pt)")
+  b.add_argument("--force", action="store_true", help="replace DST.pt")
+  b.add_argument("src", metavar="SRC_DIR")
+  b.add_argument("dst", metavar="DST.pt")
+  b.set_defaults(fn=_to_torch)
+
+  c = sub.add_parser("bert-to-uniter",
+                     help="HuggingFace BERT state_dict -> UNITER init")
+  c.add_argument("--model-config", default=None)
+  c.add_argument("--seed", type=int, default=0,
+                 help="seed of the fresh image-embedding / head weights")
+  c.add_argument("--force", action="store_true")
+  c.add_argument("src", metavar="BERT.{bin,pt,safetensors}")
+  c.add_argument("dst", metavar="DST.pt|DST_DIR")
+  c.set_defaults(fn=_bert_to_uniter)
+
+  args = p.parse_args(argv)
+  try:
+    args.fn(args)
+  except (core.ConversionError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,487 @@
+"""Exact two-way conversion between official PyTorch checkpoints and Flax.
+
+The PyTorch side is a plain state_dict with the official key names (it loads
+with `strict=True` into the official model class of the task). The Flax side
+is a directory holding an orbax checkpoint of the params (`params/`) and
+`uniter_config.json` (task, official model config, head options).
+
+Conversion is strict: every missing, unexpected or mis-shaped tensor is
+reported, all at once, with expected and found shapes. Outputs are written to
+a temporary path and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from uniter_jax import model as um
+from uniter_jax.convert import names
+from uniter_jax.model import config as config_lib
+
+FLAX_META = "uniter_config.json"
+FLAX_PARAMS = "params"
+FORMAT_VERSION = 1
+
+StateDict = dict[str, np.ndarray]
+
+
+class ConversionError(ValueError):
+  """A checkpoint does not match the model it is converted for."""
+
+
+# --------------------------------------------------------------------------
+# Expected layout
+# --------------------------------------------------------------------------
+
+
+def _model_cfg(model_config) -> Any:
+  if model_config is None:
+    return config_lib.base()
+  if isinstance(model_config, (str, os.PathLike)):
+    return config_lib.from_official_json(model_config)
+  return model_config
+
+
+def infer_head_kwargs(task: str, keys) -> dict[str, Any]:
+  """Head options that a state_dict's keys or shapes decide."""
+  keys = set(keys)
+  if task == "re":
+    return {"mlp": 2 if "re_output.0.weight" in keys else 1}
+  return {}
+
+
+def _flax_shapes(task: str, cfg, head_kwargs) -> dict[names.FlaxPath, tuple]:
+  """Unscanned Flax param shapes of `task` (no weights are created)."""
+  d = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+  d["scan_layers"] = False
+  net = um.build_model(task, d, **head_kwargs)
+  shapes = jax.eval_shape(
+      lambda: um.init_params(net, jax.random.key(0)))
+  flat = traverse_util.flatten_dict(shapes)
+  return {k: tuple(v.shape) for k, v in flat.items()}
+
+
+def expected_torch_shapes(task: str, model_config=None,
+                          **head_kwargs) -> dict[str, tuple]:
+  """The official state_dict keys and shapes of `task`."""
+  cfg = _model_cfg(model_config)
+  out = {}
+  for path, shape in _flax_shapes(task, cfg, head_kwargs).items():
+    key, transpose = names.flax_to_torch(path)
+    out[key] = tuple(reversed(shape)) if transpose else shape
+  for tied, src in names.TIED_KEYS.items():
+    if src in out and um.task_spec(task).head is um.UniterForPretraining:
+      out[tied] = out[src]
+  return out
+
+
+def _guess_task(keys) -> str | None:
+  keys = set(keys)
+  if "cls.predictions.bias" in keys:
+    return "pretrain or pretrain-vcr"
+  markers = [("vqa_output.3.weight", "vqa or ve"), ("rank_output.weight", "itm"),
+             ("attn1.in_proj_weight", "nlvr2-attn"),
+             ("vcr_output.3.weight", "vcr"), ("re_output.weight", "re"),
+             ("re_output.0.weight", "re"), ("nlvr2_output.weight",
+                                            "nlvr2-paired or nlvr2-triplet")]
+  for key, task in markers:
+    if key in keys:
+      return task
+  return None
+
+
+def check_state_dict(sd_shapes: Mapping[str, tuple], expected: Mapping[str,
+                                                                       tuple],
+                     *, task: str, source: str) -> None:
+  """Raises ConversionError listing every missing/unexpected/mis-shaped key."""
+  missing = sorted(set(expected) - set(sd_shapes))
+  unexpected = sorted(set(sd_shapes) - set(expected))
+  mismatched = sorted(k for k in set(expected) & set(sd_shapes)
+                      if tuple(expected[k]) != tuple(sd_shapes[k]))
+  if not (missing or unexpected or mismatched):
+    return
+  lines = [f"{source}: does not match the '{task}' model "
+           f"({len(missing)} missing, {len(unexpected)} unexpected, "
+           f"{len(mismatched)} mis-shaped)"]
+  guess = _guess_task(sd_shapes)
+  if guess and (missing or unexpected):
+    lines.append(f"  (its keys look like a '{guess}' checkpoint)")
+  for k in mismatched:
+    lines.append(f"  mis-shaped {k}: expected {list(expected[k])}, "
+                 f"found {list(sd_shapes[k])}")
+  for k in missing:
+    lines.append(f"  missing    {k}: expected {list(expected[k])}")
+  for k in unexpected:
+    lines.append(f"  unexpected {k}: found {list(sd_shapes[k])}")
+  raise ConversionError("\n".join(lines))
+
+
+# --------------------------------------------------------------------------
+# State dict <-> Flax params
+# --------------------------------------------------------------------------
+
+
+def torch_to_flax(state_dict: Mapping[str, np.ndarray], task: str,
+                  model_config=None, *, scan_layers: bool = False,
+                  source: str = "state_dict", **head_kwargs) -> dict:
+  """Official state_dict (numpy arrays) -> Flax params (float32 numpy).
+
+  Args:
+    state_dict: key -> array, official key names (LayerNorm `gamma`/`beta`
+      accepted, as the official `from_pretrained` renames them).
+    task: a key of `uniter_jax.model.TASKS`.
+    model_config: official model config (dict/ConfigDict/JSON path);
+      UNITER-base when None. The number of heads cannot be read from
+      shapes, so it comes from here.
+    scan_layers: return the stacked (nn.scan) encoder layout.
+    source: the file name, used in errors.
+    **head_kwargs: head options; inferred from the keys when omitted.
+  """
+  cfg = _model_cfg(model_config)
+  sd = dict(state_dict)
+  for old, new in names.rename_legacy(sd).items():
+    sd[new] = sd.pop(old)
+  head_kwargs = {**infer_head_kwargs(task, sd), **head_kwargs}
+  if task in ("vqa", "ve") and "num_answer" not in head_kwargs:
+    w = sd.get("vqa_output.3.weight")
+    if w is not None:
+      head_kwargs["num_answer"] = int(w.shape[0])
+  expected = expected_torch_shapes(task, cfg, **head_kwargs)
+  check_state_dict({k: tuple(np.shape(v)) for k, v in sd.items()}, expected,
+                   task=task, source=source)
+  for tied, src in names.TIED_KEYS.items():
+    if tied in expected and not np.array_equal(sd[tied], sd[src]):
+      raise ConversionError(
+          f"{source}: tied tensors differ: '{tied}' must equal '{src}' (the "
+          "official model shares them)")
+  flat = {}
+  for path in _flax_shapes(task, cfg, head_kwargs):
+    key, transpose = names.flax_to_torch(path)
+    arr = np.asarray(sd[key])
+    flat[path] = np.ascontiguousarray(arr.T if transpose else arr).astype(
+        np.float32)
+  params = traverse_util.unflatten_dict(flat)
+  return scan_params(params) if scan_layers else params
+
+
+def _is_scanned(flat: Mapping[names.FlaxPath, Any]) -> bool:
+  return any(names.is_scanned_layer(p) for p in flat)
+
+
+def scan_params(params: dict) -> dict:
+  """Per-layer encoder params -> one stacked tree (the nn.scan layout)."""
+  flat = traverse_util.flatten_dict(params)
+  if _is_scanned(flat):
+    return params
+  out, stacks = {}, {}
+  for path, v in flat.items():
+    for i in range(len(path) - 2):
+      if (path[i] == "encoder" and path[i + 1] == "layer" and
+          path[i + 2].isdigit()):
+        stacks.setdefault(path[:i + 2] + path[i + 3:], {})[int(path[i + 2])] = v
+        break
+    else:
+      out[path] = v
+  for path, layers in stacks.items():
+    out[path] = np.stack([np.asarray(layers[i]) for i in sorted(layers)])
+  return traverse_util.unflatten_dict(out)
+
+
+def unscan_params(params: dict) -> dict:
+  """The stacked (nn.scan) encoder layout -> per-layer params."""
+  flat = traverse_util.flatten_dict(params)
+  out = {}
+  for path, v in flat.items():
+    if names.is_scanned_layer(path):
+      v = np.asarray(v)
+      for n, p in enumerate(names.unscanned_paths(path, v.shape[0])):
+        out[p] = v[n]
+    else:
+      out[path] = v
+  return traverse_util.unflatten_dict(out)
+
+
+def flax_to_torch(params: Mapping, task: str, model_config=None, *,
+                  dtype: Any = np.float32, **head_kwargs) -> StateDict:
+  """Flax params -> official state_dict (numpy arrays, tied keys included)."""
+  cfg = _model_cfg(model_config)
+  flat = traverse_util.flatten_dict(unscan_params(
+      jax.tree_util.tree_map(np.asarray, dict(params))))
+  expected = _flax_shapes(task, cfg, head_kwargs)
+  check_state_dict({"/".join(p): tuple(v.shape) for p, v in flat.items()},
+                   {"/".join(p): s for p, s in expected.items()}, task=task,
+                   source="Flax params")
+  sd = {}
+  for path, v in flat.items():
+    key, transpose = names.flax_to_torch(path)
+    v = np.asarray(v)
+    sd[key] = np.ascontiguousarray(v.T if transpose else v).astype(dtype)
+  for tied, src in names.TIED_KEYS.items():
+    if src in sd and um.task_spec(task).head is um.UniterForPretraining:
+      sd[tied] = sd[src]
+  return sd
+
+
+# --------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------
+
+
+def _torch():
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError("reading or writing PyTorch checkpoints needs torch: "
+                      "pip install torch==2.13.0 (the CPU build is enough)"
+                      ) from e
+  return torch
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> tuple[StateDict, str]:
+  """Reads a `.pt`/`.bin` (torch) or `.safetensors` state_dict.
+
+  Returns (key -> numpy array, dtype name of its floating tensors).
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise ConversionError(f"{path}: no such checkpoint file")
+  if path.endswith(".safetensors"):
+    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+    try:
+      sd = dict(load_file(path))
+    except Exception as e:  # pylint: disable=broad-except
+      raise ConversionError(f"{path}: cannot read as safetensors ({e})") from e
+  else:
+    torch = _torch()
+    try:
+      obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pylint: disable=broad-except
+      raise ConversionError(
+          f"{path}: cannot read as a PyTorch checkpoint (truncated or not a "
+          f"state_dict?): {type(e).__name__}: {e}") from e
+    if not isinstance(obj, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor)
+        for k, v in obj.items()):
+      raise ConversionError(
+          f"{path}: expected a state_dict (a mapping of parameter names to "
+          f"tensors), found {type(obj).__name__}")
+    sd = {}
+    for k, v in obj.items():
+      v = v.detach()
+      if v.dtype == torch.bfloat16:
+        v = v.float()
+      sd[k] = v.numpy()
+  floats = [str(v.dtype) for v in sd.values()
+            if np.issubdtype(v.dtype, np.floating)]
+  dtype = max(set(floats), key=floats.count) if floats else "float32"
+  return sd, dtype
+
+
+def write_state_dict(sd: Mapping[str, np.ndarray],
+                     path: str | os.PathLike[str]) -> None:
+  """Writes a torch state_dict atomically (tmp file, then rename).
+
+  Tied keys share one tensor, as in a state_dict saved by the official
+  model.
+  """
+  torch = _torch()
+  path = os.fspath(path)
+  out, by_id = {}, {}
+  for k, v in sd.items():
+    out[k] = by_id.setdefault(id(v), torch.from_numpy(np.array(v)))
+  d = os.path.dirname(os.path.abspath(path))
+  os.makedirs(d, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=d)
+  os.close(fd)
+  try:
+    torch.save(out, tmp)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def save_flax(dst_dir: str | os.PathLike[str], params: Mapping, task: str,
+              model_config=None, *, head_kwargs: Mapping | None = None,
+              source_dtype: str = "float32", overwrite: bool = False) -> None:
+  """Writes params (orbax) and `uniter_config.json` to `dst_dir` atomically."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  cfg = _model_cfg(model_config)
+  dst = os.path.abspath(os.fspath(dst_dir))
+  if os.path.exists(dst) and not overwrite:
+    raise ConversionError(f"{dst}: already exists (use --force to replace)")
+  parent = os.path.dirname(dst)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
+  try:
+    flat = traverse_util.flatten_dict(dict(params))
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "task": task,
+        "model_config": config_lib.to_official_dict(cfg),
+        "head_kwargs": dict(head_kwargs or {}),
+        "scan_layers": _is_scanned(flat),
+        "source_dtype": source_dtype,
+    }
+    ocp.PyTreeCheckpointer().save(
+        os.path.join(tmp, FLAX_PARAMS),
+        jax.tree_util.tree_map(np.asarray, dict(params)))
+    with open(os.path.join(tmp, FLAX_META), "w", encoding="utf-8") as f:
+      json.dump(meta, f, indent=2, sort_keys=True)
+    if os.path.exists(dst):
+      old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-",
+                             dir=parent)
+      os.replace(dst, os.path.join(old, "x"))
+      os.replace(tmp, dst)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.replace(tmp, dst)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def load_flax(src_dir: str | os.PathLike[str]) -> tuple[dict, dict]:
+  """Reads a converted directory: (params, meta)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  src = os.path.abspath(os.fspath(src_dir))
+  meta_path = os.path.join(src, FLAX_META)
+  if not os.path.isfile(meta_path):
+    raise ConversionError(
+        f"{src}: not a converted uniter-jax checkpoint (no {FLAX_META})")
+  with open(meta_path, encoding="utf-8") as f:
+    try:
+      meta = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ConversionError(f"{meta_path}: not valid JSON ({e})") from e
+  for field in ("task", "model_config"):
+    if field not in meta:
+      raise ConversionError(f"{meta_path}: missing field '{field}'")
+  try:
+    params = ocp.PyTreeCheckpointer().restore(os.path.join(src, FLAX_PARAMS))
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConversionError(f"{src}/{FLAX_PARAMS}: cannot restore the orbax "
+                          f"checkpoint: {type(e).__name__}: {e}") from e
+  return params, meta
+
+
+def load_checkpoint(path: str | os.PathLike[str], task: str, *,
+                    model_config=None, scan_layers: bool | None = None,
+                    **model_overrides):
+  """`(model, params)` from an official state_dict file or a converted dir.
+
+  Args:
+    path: `.pt`/`.bin`/`.safetensors` file, or a directory written by
+      `save_flax` / `python -m uniter_jax.convert to-flax`.
+    task: the task the checkpoint is for (a key of TASKS); a converted dir
+      must have been converted for this task.
+    model_config: official JSON model config for a state_dict file (base
+      when None); ignored for a converted dir, which records its own.
+    scan_layers: the params layout to return; default: as stored (a
+      state_dict gives the per-layer layout).
+    **model_overrides: model config fields that change how it computes
+      (dtype, remat_policy, attention_impl).
+  """
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    params, meta = load_flax(path)
+    if meta["task"] != task:
+      raise ConversionError(f"{path}: converted for task '{meta['task']}', "
+                            f"not '{task}'")
+    cfg = config_lib.from_official_dict(meta["model_config"], source=path)
+    head_kwargs = meta.get("head_kwargs", {})
+    check_state_dict(
+        {"/".join(p): tuple(np.shape(v)) for p, v in
+         traverse_util.flatten_dict(unscan_params(params)).items()},
+        {"/".join(p): s for p, s in
+         _flax_shapes(task, cfg, head_kwargs).items()},
+        task=task, source=path)
+  else:
+    sd, _ = read_state_dict(path)
+    cfg = _model_cfg(model_config)
+    head_kwargs = infer_head_kwargs(task, sd)
+    if task in ("vqa", "ve") and "vqa_output.3.weight" in sd:
+      head_kwargs["num_answer"] = int(sd["vqa_output.3.weight"].shape[0])
+    params = torch_to_flax(sd, task, cfg, source=path, **head_kwargs)
+  flat = traverse_util.flatten_dict(params)
+  scanned = _is_scanned(flat)
+  if scan_layers is None:
+    scan_layers = scanned
+  params = scan_params(params) if scan_layers else unscan_params(params)
+  cfg = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+  cfg.update(model_overrides)
+  cfg["scan_layers"] = bool(scan_layers)
+  model = um.build_model(task, cfg, **head_kwargs)
+  params = jax.tree_util.tree_map(jax.numpy.asarray, params)
+  return model, params
+
+
+# --------------------------------------------------------------------------
+# BERT -> UNITER init
+# --------------------------------------------------------------------------
+
+_BERT_DROP = ("cls.seq_relationship.", "cls.predictions.decoder.bias",
+              "embeddings.position_ids")
+
+
+def bert_to_uniter(bert_sd: Mapping[str, np.ndarray], model_config=None, *,
+                   seed: int = 0, source: str = "BERT state_dict") -> StateDict:
+  """A HuggingFace-layout BERT state_dict -> a UNITER pretraining init.
+
+  Text embeddings, encoder, pooler and the MLM head come from BERT (its
+  2-row segment table gives the text type 0 and the image type 1); the image
+  embeddings, MRFR / MRC heads and `itm_output` are freshly initialised
+  (N(0, 0.02) weights, zero biases, unit LayerNorms), as the official
+  `uniter-base-init.pt` plus `init_weights` give. Returns an official
+  pretraining state_dict.
+  """
+  cfg = _model_cfg(model_config)
+  sd = {}
+  for k, v in bert_sd.items():
+    if any(d in k for d in _BERT_DROP):
+      continue
+    if k.startswith("bert."):
+      k = "uniter." + k[len("bert."):]
+    elif k.startswith(("embeddings.", "encoder.", "pooler.")):
+      k = "uniter." + k
+    sd[k] = np.asarray(v)
+  for old, new in names.rename_legacy(sd).items():
+    sd[new] = sd.pop(old)
+  net = um.build_model("pretrain", cfg)
+  fresh = flax_to_torch(um.init_params(net, jax.random.key(seed)), "pretrain",
+                        cfg)
+  from_bert = [k for k in sd if k in fresh]
+  unknown = sorted(k for k in sd if k not in fresh)
+  if unknown:
+    raise ConversionError(f"{source}: keys with no UNITER counterpart: "
+                          f"{unknown}")
+  needed = [k for k in fresh if k.startswith(("uniter.embeddings.",
+                                              "uniter.encoder.",
+                                              "uniter.pooler.",
+                                              "cls.predictions."))
+            and k != "cls.predictions.decoder.weight"]
+  missing = sorted(k for k in needed if k not in sd)
+  bad = sorted(k for k in from_bert if tuple(sd[k].shape) !=
+               tuple(fresh[k].shape))
+  if missing or bad:
+    lines = [f"{source}: not a BERT matching the UNITER model config"]
+    lines += [f"  mis-shaped {k}: expected {list(fresh[k].shape)}, found "
+              f"{list(sd[k].shape)}" for k in bad]
+    lines += [f"  missing    {k}: expected {list(fresh[k].shape)}"
+              for k in missing]
+    raise ConversionError("\n".join(lines))
+  out = dict(fresh)
+  for k in from_bert:
+    out[k] = sd[k].astype(np.float32)
+  for tied, src in names.TIED_KEYS.items():
+    out[tied] = out[src]
+  return out
