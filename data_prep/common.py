@@ -1,0 +1,269 @@
+"""Builder base classes shared by every source.
+
+`ImageStoreBuilder` and `TextBuilder` hold what all sources share: the
+schema's features, ArrayRecord output in generation order (no TFDS
+shuffling, so `img_index.json` lists the image keys in record order), record
+checks, a tqdm progress bar, and counts of written and dropped records in the
+dataset metadata. A subclass only yields records.
+
+TFDS writes into a temporary directory and renames it when everything,
+including `dataset_info.json` and `metadata.json`, is written; an exception
+anywhere in a subclass's generator removes the temporary directory, so an
+interrupted build leaves nothing that `tfds.data_source` can open.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import inspect
+import json
+import os
+from typing import Any, Iterator, Mapping
+
+from etils import epath
+import numpy as np
+import tensorflow_datasets as tfds
+import tqdm
+
+from data_prep import schema
+
+ARRAY_RECORD = "array_record"
+
+
+def full_name(builder: tfds.core.DatasetBuilder) -> str:
+  """"builder/config:version", the name `tfds.data_source` accepts."""
+  cfg = builder.builder_config
+  name = f"{builder.name}/{cfg.name}" if cfg is not None else builder.name
+  return f"{name}:{builder.version}"
+
+
+class _Counting:
+  """Mixin: counts written/dropped records into `info.metadata`."""
+
+  # TFDS 4.9.10 resolves the path of a builder that lives in a package with
+  # `importlib_resources`, a package it does not depend on (and which is not
+  # installed); the builder's own file is what that lookup returns anyway.
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:
+    return epath.Path(inspect.getfile(cls))
+
+  def _reset_counts(self):
+    self._written = collections.Counter()
+    self._dropped = collections.Counter()
+
+  def drop(self, reason: str, n: int = 1) -> None:
+    """Counts `n` records dropped for `reason` (as the official code)."""
+    self._dropped[reason] += n
+
+  def _save_counts(self):
+    md = self.info.metadata
+    md["written"] = dict(self._written)
+    md["dropped"] = dict(self._dropped)
+
+
+class ImageStoreBuilder(_Counting, tfds.core.GeneratorBasedBuilder):
+  """Base of the image-store builders: one record per image, split `images`."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  SOURCE = "?"
+
+  def __init__(self, **kwargs):
+    kwargs.setdefault("file_format", ARRAY_RECORD)
+    super().__init__(**kwargs)
+    self._reset_counts()
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(
+        features=schema.image_features(),
+        disable_shuffling=True,
+        metadata=tfds.core.MetadataDict(),
+    )
+
+  # Subclasses implement these two.
+  def _image_meta(self) -> dict[str, Any]:
+    """Source-specific metadata (`has_soft_labels`, `db_cut`, ...)."""
+    raise NotImplementedError
+
+  def _iter_images(self, dl_manager) -> Iterator[dict[str, Any]]:
+    """Yields image records (schema fields; float arrays any float dtype)."""
+    raise NotImplementedError
+
+  def _total(self) -> int | None:
+    """Number of images for the progress bar, when cheaply known."""
+    return None
+
+  def _split_generators(self, dl_manager):
+    self._reset_counts()
+    md = self.info.metadata
+    md.clear()
+    md.update({"kind": "images", "source": self.SOURCE,
+               "img_store": full_name(self), "dropped": {}, "written": {}})
+    md.update(self._image_meta())
+    return {schema.IMAGE_SPLIT: self._generate(dl_manager)}
+
+  def _generate_examples(self, *args, **kwargs):
+    raise NotImplementedError("records come from _split_generators")
+
+  def _generate(self, dl_manager):
+    name = full_name(self)
+    keys = []
+    seen = set()
+    bar = tqdm.tqdm(self._iter_images(dl_manager), total=self._total(),
+                    desc=f"{name} images", unit="img")
+    for rec in bar:
+      rec = to_image_record(rec)
+      key = rec["img_key"]
+      if key in seen:
+        raise schema.DataPrepError(name, key, "duplicate image key")
+      schema.check_image_record(rec, name)
+      seen.add(key)
+      yield len(keys), rec
+      keys.append(key)
+    self._written[schema.IMAGE_SPLIT] = len(keys)
+    self._save_counts()
+    # self.data_dir is TFDS's temporary directory here; it is renamed with
+    # the rest of the dataset only when the build succeeds.
+    with open(os.path.join(self.data_dir, schema.IMG_INDEX_FILE), "w") as f:
+      json.dump(keys, f)
+
+
+def to_image_record(rec: Mapping[str, Any]) -> dict[str, Any]:
+  """Casts a source record to the schema dtypes (features fp16 etc.)."""
+  with np.errstate(over="ignore"):   # overflow -> inf, caught by the check
+    feats = np.asarray(rec["features"]).astype(np.float16)
+    n = feats.shape[0] if feats.ndim == 2 else 0
+    soft = rec.get("soft_labels")
+    soft = (np.zeros((n, schema.NUM_LABELS), np.float16) if soft is None
+            else np.asarray(soft).astype(np.float16))
+  return {
+      "img_key": str(rec["img_key"]),
+      "num_bb": np.int32(n),
+      "features": feats,
+      "norm_bb": np.asarray(rec["norm_bb"]).astype(np.float32),
+      "conf": np.asarray(rec["conf"]).astype(np.float32),
+      "soft_labels": soft,
+      "image_w": np.int32(rec.get("image_w", 0) or 0),
+      "image_h": np.int32(rec.get("image_h", 0) or 0),
+  }
+
+
+class TextBuilder(_Counting, tfds.core.GeneratorBasedBuilder):
+  """Base of the text builders: records refer to images by key."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  SOURCE = "?"
+
+  def __init__(self, **kwargs):
+    kwargs.setdefault("file_format", ARRAY_RECORD)
+    super().__init__(**kwargs)
+    self._reset_counts()
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(
+        features=schema.text_features(),
+        disable_shuffling=True,
+        metadata=tfds.core.MetadataDict(),
+    )
+
+  # Subclasses implement these.
+  def _text_meta(self, dl_manager) -> dict[str, Any]:
+    """Vocabulary ids, `img_store`, `task`, `max_txt_len`."""
+    raise NotImplementedError
+
+  def _split_iters(self, dl_manager) -> dict[str, Iterator[dict[str, Any]]]:
+    """{split: iterator of text records}; may call `self.drop(reason)`."""
+    raise NotImplementedError
+
+  def _split_generators(self, dl_manager):
+    self._reset_counts()
+    md = self.info.metadata
+    md.clear()
+    md.update({"kind": "text", "source": self.SOURCE, "dropped": {},
+               "written": {}, "PAD": 0})
+    md.update(self._text_meta(dl_manager))
+    self._img_index = self._load_image_index(md["img_store"])
+    iters = self._split_iters(dl_manager)
+    return {split: self._generate(split, it) for split, it in iters.items()}
+
+  def _load_image_index(self, img_store: str) -> set[str] | None:
+    """Keys of the image store the text refers to (must be built first)."""
+    bdir = schema.builder_dir(self.data_dir_root, img_store)
+    try:
+      return set(schema.read_image_index(bdir))
+    except FileNotFoundError as e:
+      raise FileNotFoundError(
+          f"{full_name(self)}: image store {img_store!r} is not built under "
+          f"{self.data_dir_root}; build it first ({e})") from e
+
+  def _generate_examples(self, *args, **kwargs):
+    raise NotImplementedError("records come from _split_generators")
+
+  def _generate(self, split: str, records):
+    name = f"{full_name(self)}[{split}]"
+    vocab_size = int(self.info.metadata["vocab_size"])
+    n = 0
+    seen = set()
+    for rec in tqdm.tqdm(records, desc=f"{name} text", unit="txt"):
+      rec = to_text_record(rec)
+      rid = rec["id"]
+      if rid in seen:
+        raise schema.DataPrepError(name, rid, "duplicate text id")
+      schema.check_text_record(rec, name, vocab_size)
+      for k in rec["img_keys"]:
+        if k not in self._img_index:
+          raise schema.DataPrepError(
+              name, rid, f"image key {k!r} missing from image store "
+              f"{self.info.metadata['img_store']}")
+      seen.add(rid)
+      yield n, rec
+      n += 1
+    self._written[split] = n
+    self._save_counts()
+
+
+def to_text_record(rec: Mapping[str, Any]) -> dict[str, Any]:
+  """Casts a source record to the schema dtypes, filling optional fields."""
+  labels = rec.get("target_labels")
+  scores = rec.get("target_scores")
+  target = rec.get("target")
+  return {
+      "id": str(rec["id"]),
+      "input_ids": np.asarray(rec["input_ids"], dtype=np.int64).astype(
+          np.int32),
+      "img_keys": [str(k) for k in rec["img_keys"]],
+      "target": np.int32(schema.NO_TARGET if target is None else target),
+      "target_labels": np.asarray([] if labels is None else labels,
+                                  dtype=np.int32),
+      "target_scores": np.asarray([] if scores is None else scores,
+                                  dtype=np.float32),
+  }
+
+
+@dataclasses.dataclass
+class BuildSummary:
+  """What a build wrote and dropped (printed by the CLI)."""
+  name: str
+  path: str
+  written: dict[str, int]
+  dropped: dict[str, int]
+
+  def __str__(self) -> str:
+    w = ", ".join(f"{k}={v}" for k, v in self.written.items()) or "none"
+    d = ", ".join(f"{k}={v}" for k, v in self.dropped.items()) or "none"
+    return f"{self.name}: wrote {w}; dropped {d}\n  at {self.path}"
+
+
+def build(builder: tfds.core.DatasetBuilder,
+          manual_dir: str | None = None, overwrite: bool = False
+          ) -> BuildSummary:
+  """Runs `download_and_prepare` and returns what was written and dropped."""
+  cfg = tfds.download.DownloadConfig(
+      manual_dir=manual_dir,
+      download_mode=(tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS
+                     if overwrite else
+                     tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
+  builder.download_and_prepare(download_config=cfg)
+  meta = schema.read_meta(builder.data_dir)
+  return BuildSummary(full_name(builder), os.fspath(builder.data_dir),
+                      meta.get("written", {}), meta.get("dropped", {}))
