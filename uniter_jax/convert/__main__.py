@@ -32,8 +32,6 @@ def _to_flax(args) -> None:
   sd, dtype = core.read_state_dict(args.src)
   cfg = core._model_cfg(args.model_config)  # pylint: disable=protected-access
   head_kwargs = core.infer_head_kwargs(args.task, sd)
-  if args.task in ("vqa", "ve") and "vqa_output.3.weight" in sd:
-    head_kwargs["num_answer"] = int(sd["vqa_output.3.weight"].shape[0])
   params = core.torch_to_flax(sd, args.task, cfg, scan_layers=args.scan_layers,
                               source=args.src, **head_kwargs)
   core.save_flax(args.dst, params, args.task, cfg, head_kwargs=head_kwargs,

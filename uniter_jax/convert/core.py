@@ -50,12 +50,26 @@ def _model_cfg(model_config) -> Any:
   return model_config
 
 
-def infer_head_kwargs(task: str, keys) -> dict[str, Any]:
-  """Head options that a state_dict's keys or shapes decide."""
-  keys = set(keys)
+def infer_head_kwargs(task: str, sd: Mapping[str, Any]) -> dict[str, Any]:
+  """Head options that a state_dict's keys or shapes decide.
+
+  `sd` maps official keys to arrays or to shape tuples.
+  """
   if task == "re":
-    return {"mlp": 2 if "re_output.0.weight" in keys else 1}
+    return {"mlp": 2 if "re_output.0.weight" in sd else 1}
+  if task in ("vqa", "ve") and "vqa_output.3.weight" in sd:
+    w = sd["vqa_output.3.weight"]
+    return {"num_answer": int((w if isinstance(w, tuple) else np.shape(w))[0])}
   return {}
+
+
+def _flax_as_torch_shapes(flat: Mapping[names.FlaxPath, Any]) -> dict:
+  out = {}
+  for path, v in flat.items():
+    key, transpose = names.flax_to_torch(path)
+    shape = tuple(np.shape(v))
+    out[key] = tuple(reversed(shape)) if transpose else shape
+  return out
 
 
 def _flax_shapes(task: str, cfg, head_kwargs) -> dict[names.FlaxPath, tuple]:
@@ -150,10 +164,6 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], task: str,
   for old, new in names.rename_legacy(sd).items():
     sd[new] = sd.pop(old)
   head_kwargs = {**infer_head_kwargs(task, sd), **head_kwargs}
-  if task in ("vqa", "ve") and "num_answer" not in head_kwargs:
-    w = sd.get("vqa_output.3.weight")
-    if w is not None:
-      head_kwargs["num_answer"] = int(w.shape[0])
   expected = expected_torch_shapes(task, cfg, **head_kwargs)
   check_state_dict({k: tuple(np.shape(v)) for k, v in sd.items()}, expected,
                    task=task, source=source)
@@ -215,6 +225,8 @@ def flax_to_torch(params: Mapping, task: str, model_config=None, *,
   cfg = _model_cfg(model_config)
   flat = traverse_util.flatten_dict(unscan_params(
       jax.tree_util.tree_map(np.asarray, dict(params))))
+  head_kwargs = {**infer_head_kwargs(task, _flax_as_torch_shapes(flat)),
+                 **head_kwargs}
   expected = _flax_shapes(task, cfg, head_kwargs)
   check_state_dict({"/".join(p): tuple(v.shape) for p, v in flat.items()},
                    {"/".join(p): s for p, s in expected.items()}, task=task,
@@ -409,8 +421,6 @@ def load_checkpoint(path: str | os.PathLike[str], task: str, *,
     sd, _ = read_state_dict(path)
     cfg = _model_cfg(model_config)
     head_kwargs = infer_head_kwargs(task, sd)
-    if task in ("vqa", "ve") and "vqa_output.3.weight" in sd:
-      head_kwargs["num_answer"] = int(sd["vqa_output.3.weight"].shape[0])
     params = torch_to_flax(sd, task, cfg, source=path, **head_kwargs)
   flat = traverse_util.flatten_dict(params)
   scanned = _is_scanned(flat)
