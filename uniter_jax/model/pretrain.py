@@ -117,6 +117,9 @@ class UniterForPretraining(nn.Module):
   cfg: Any
   # Weight of the word-region alignment (OT) term added to the ITM loss.
   itm_ot_lambda: float = 0.1
+  # WRA solver settings, a `uniter_jax.ot.OTConfig` (None: its defaults, the
+  # OTT-JAX Sinkhorn; `OTConfig(solver="ipot")` for the official IPOT).
+  ot_config: Any = None
 
   def setup(self):
     cfg = self.cfg
@@ -152,7 +155,12 @@ class UniterForPretraining(nn.Module):
     if compute_loss:
       if task is None:
         raise ValueError("compute_loss=True needs a task")
-      from uniter_jax.tasks import losses  # pylint: disable=g-import-not-at-top
+      # pylint: disable=g-import-not-at-top
+      from uniter_jax import ot as ot_lib
+      from uniter_jax.tasks import losses
+      # pylint: enable=g-import-not-at-top
+      ot_cfg = self.ot_config if self.ot_config is not None else (
+          ot_lib.OTConfig())
       return losses.pretrain_loss(task, out, batch,
-                                  itm_ot_lambda=self.itm_ot_lambda)
+                                  itm_ot_lambda=self.itm_ot_lambda, ot=ot_cfg)
     return out

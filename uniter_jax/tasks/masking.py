@@ -1,0 +1,161 @@
+"""Per-example pretraining ops: MLM, MRM (MRFR / MRC / MRC-kl) and ITM.
+
+Each op has the data-pipeline hook signature ``op(example, rng, ctx) ->
+example``: ``example`` is the per-example dict of the batch contract
+(``input_ids`` with [CLS] first and [SEP] last, ``img_feat``, ...), ``rng`` a
+``np.random.Generator`` and ``ctx`` the task context (attribute access or a
+mapping) with ``cls_id``, ``sep_id``, ``mask_id``, ``v_range`` and
+``sample_image(rng, exclude_key)``; optional ``mlm_prob`` (0.15),
+``mrm_prob`` (0.15) and ``itm_neg_prob`` (0.5).
+
+The ops are pure: they never modify their input and, given the same example,
+generator state and context, return the same output. Masking is conditional
+(one modality at a time), as in UNITER: MLM leaves the image whole and MRM
+leaves the text whole.
+
+Semantics follow the official data/mlm.py, data/mrm.py and data/itm.py:
+
+* MLM: every token between [CLS] and [SEP] is selected with probability
+  0.15; a selected token becomes [MASK] (80%), a uniformly random id from
+  ``range(*v_range)`` (10%) or stays (10%). If nothing was selected, the first
+  token after [CLS] is selected and replaced by [MASK]. ``txt_labels`` holds
+  the original id at selected positions and -1 elsewhere.
+* MRM: every region is masked with probability ``mrm_prob``; if none is, one
+  uniformly chosen region is. Masked features are zeroed (the model adds the
+  mask embedding); ``feat_targets`` keeps the original float32 features and
+  ``label_targets`` the detector soft labels.
+* ITM: with probability ``itm_neg_prob`` the image is replaced by
+  ``ctx.sample_image(rng, exclude_key=example['img_key'])`` (target 0),
+  otherwise kept (target 1).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+Example = dict[str, Any]
+
+MLM_PROB = 0.15
+MRM_PROB = 0.15
+ITM_NEG_PROB = 0.5
+# Image fields that belong to one image and travel together in ITM.
+_IMAGE_FIELDS = ("img_feat", "img_pos_feat", "img_soft_labels", "img_key",
+                 "img_type_ids")
+
+
+def _ctx(ctx: Any, name: str, default: Any = None, required: bool = True):
+  """Reads ``name`` from a context given as an object or a mapping."""
+  if isinstance(ctx, Mapping):
+    if name in ctx:
+      return ctx[name]
+  elif hasattr(ctx, name):
+    return getattr(ctx, name)
+  if required and default is None:
+    raise KeyError(f"task context: missing '{name}' (needed by the "
+                   "pretraining op).")
+  return default
+
+
+def _field(example: Mapping[str, Any], name: str, op: str) -> Any:
+  if name not in example:
+    raise KeyError(f"{op}: example has no field '{name}' (has "
+                   f"{sorted(example)}).")
+  return example[name]
+
+
+def mlm_op(example: Mapping[str, Any], rng: np.random.Generator,
+           ctx: Any) -> Example:
+  """Masks text tokens for MLM; returns new ``input_ids`` and ``txt_labels``."""
+  ids = np.asarray(_field(example, "input_ids", "mlm_op"))
+  cls_id, sep_id = _ctx(ctx, "cls_id"), _ctx(ctx, "sep_id")
+  mask_id = _ctx(ctx, "mask_id")
+  lo, hi = _ctx(ctx, "v_range")
+  prob = float(_ctx(ctx, "mlm_prob", MLM_PROB))
+  if ids.ndim != 1 or ids.shape[0] < 3:
+    raise ValueError("mlm_op: 'input_ids' must be 1-D [CLS] tokens.. [SEP] "
+                     f"with at least one token, got shape {ids.shape}.")
+  if ids[0] != cls_id or ids[-1] != sep_id:
+    raise ValueError(
+        f"mlm_op: 'input_ids' must start with [CLS]={cls_id} and end with "
+        f"[SEP]={sep_id}, got {ids[0]} ... {ids[-1]}.")
+  inner = ids[1:-1].astype(np.int32)
+  n = inner.shape[0]
+  draw = rng.random(n)
+  random_ids = rng.integers(lo, hi, size=n, dtype=np.int32)
+  selected = draw < prob
+  scaled = draw / prob
+  new = np.where(selected & (scaled < 0.8), np.int32(mask_id),
+                 np.where(selected & (scaled < 0.9), random_ids, inner))
+  labels = np.where(selected, inner, np.int32(-1))
+  if not selected.any():
+    labels[0] = inner[0]
+    new[0] = mask_id
+  out = dict(example)
+  out["input_ids"] = np.concatenate(
+      [[cls_id], new, [sep_id]]).astype(np.int32)
+  out["txt_labels"] = np.concatenate([[-1], labels, [-1]]).astype(np.int32)
+  return out
+
+
+def mrm_op(example: Mapping[str, Any], rng: np.random.Generator,
+           ctx: Any) -> Example:
+  """Masks regions for MRFR / MRC / MRC-kl (shared op).
+
+  Adds ``img_masks`` [nb] bool, ``feat_targets`` [nb, D] float32 (original
+  features) and, when the example has ``img_soft_labels``, ``label_targets``
+  [nb, C] float32; zeroes the masked rows of ``img_feat``.
+  """
+  feat = np.asarray(_field(example, "img_feat", "mrm_op"), np.float32)
+  prob = float(_ctx(ctx, "mrm_prob", MRM_PROB))
+  if feat.ndim != 2 or feat.shape[0] == 0:
+    raise ValueError("mrm_op: 'img_feat' must be [num_bb >= 1, D], got "
+                     f"shape {feat.shape}.")
+  nb = feat.shape[0]
+  masks = rng.random(nb) < prob
+  if not masks.any():
+    masks[rng.integers(nb)] = True
+  out = dict(example)
+  out["img_masks"] = masks
+  out["feat_targets"] = feat.copy()
+  out["img_feat"] = np.where(masks[:, None], np.float32(0), feat)
+  if "img_soft_labels" in example:
+    soft = np.asarray(example["img_soft_labels"], np.float32)
+    if soft.shape[0] != nb:
+      raise ValueError(f"mrm_op: 'img_soft_labels' has {soft.shape[0]} rows "
+                       f"but 'img_feat' has {nb}.")
+    out["label_targets"] = soft.copy()
+  return out
+
+
+def itm_op(example: Mapping[str, Any], rng: np.random.Generator,
+           ctx: Any) -> Example:
+  """Draws the ITM label; for a negative swaps in a different image."""
+  prob = float(_ctx(ctx, "itm_neg_prob", ITM_NEG_PROB))
+  out = dict(example)
+  if rng.random() < prob:
+    key = _field(example, "img_key", "itm_op")
+    sample_image = _ctx(ctx, "sample_image")
+    neg = sample_image(rng, key)
+    if neg.get("img_key") == key:
+      raise ValueError(f"itm_op: ctx.sample_image returned the true image "
+                       f"{key!r} for a negative.")
+    for name in _IMAGE_FIELDS:
+      out.pop(name, None)
+    for name in _IMAGE_FIELDS:
+      if name in neg:
+        out[name] = neg[name]
+    out["targets"] = np.int32(0)
+  else:
+    out["targets"] = np.int32(1)
+  return out
+
+
+TASK_OPS: dict[str, Callable[[Mapping[str, Any], np.random.Generator, Any],
+                             Example]] = {
+                                 "mlm": mlm_op,
+                                 "mrfr": mrm_op,
+                                 "mrc": mrm_op,
+                                 "mrckl": mrm_op,
+                                 "itm": itm_op,
+                             }
