@@ -97,8 +97,8 @@ def test_scan_and_loop_layers_give_same_outputs(task):
                                err_msg=k)
 
 
-@pytest.mark.parametrize("policy", ["full", "minimal", "save_qkv_proj"])
-@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("policy,scan", [("full", False), ("minimal", True),
+                                         ("save_qkv_proj", True)])
 def test_remat_keeps_outputs_and_gradients(policy, scan):
   cfg = um.config.tiny()
   cfg.scan_layers = scan
