@@ -180,9 +180,9 @@ class SelfAttention(nn.Module):
       return y.reshape(b, l, n_heads, d_head)
 
     q, k, v = proj("query"), proj("key"), proj("value")
-    q = constrain(q, ("batch", "length", "heads", "kv"))
-    k = constrain(k, ("batch", "length", "heads", "kv"))
-    v = constrain(v, ("batch", "length", "heads", "kv"))
+    q = constrain(q, ("act_batch", "act_length", "act_heads", "act_kv"))
+    k = constrain(k, ("act_batch", "act_length", "act_heads", "act_kv"))
+    v = constrain(v, ("act_batch", "act_length", "act_heads", "act_kv"))
     if cfg.attention_impl == "fused":
       if not deterministic and cfg.attention_probs_dropout_prob > 0:
         raise ValueError(
@@ -245,14 +245,14 @@ class BertLayer(nn.Module):
   @nn.compact
   def __call__(self, x: Array, mask: Array) -> Array:
     cfg = self.cfg
-    x = constrain(x, ("batch", "length", "embed"))
+    x = constrain(x, ("act_batch", "act_length", "act_embed"))
     attn = Attention(cfg, name="attention")(
         x, mask, deterministic=self.deterministic)
     h = _Intermediate(cfg, name="intermediate")(attn)
-    h = constrain(h, ("batch", "length", "mlp"))
+    h = constrain(h, ("act_batch", "act_length", "act_mlp"))
     out = _Output(cfg, ("mlp", "embed"), name="output")(
         h, attn, deterministic=self.deterministic)
-    return constrain(out, ("batch", "length", "embed"))
+    return constrain(out, ("act_batch", "act_length", "act_embed"))
 
 
 class _ScanBody(BertLayer):
@@ -385,7 +385,7 @@ class UniterModel(nn.Module):
         self.embeddings.type_embed(img_type_ids), img_masks,
         deterministic=deterministic)
     x = jnp.concatenate([txt_emb, img_emb], axis=1)
-    x = constrain(x, ("batch", "length", "embed"))
+    x = constrain(x, ("act_batch", "act_length", "act_embed"))
     seq = self.encoder(x, attn_masks, deterministic=deterministic)
     return {"sequence_output": seq, "pooled_output": self.pooler(seq)}
 

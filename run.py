@@ -1,0 +1,44 @@
+"""The single entrypoint of uniter-jax.
+
+  python run.py --config configs/demo.py --workdir /tmp/uniter-demo
+  python run.py --config configs/pretrain_indomain_base.py:runlocal \
+      --workdir /tmp/smoke --config.train.num_train_steps=20
+
+`--config` names a config file with a `get_config(arg)` function and an
+optional `:arg` variant; any field can be overridden with
+`--config.<field>=<value>`, and a field that does not exist is an error.
+`config.mode` chooses what runs: "train" (resumes by itself from a
+checkpoint in the workdir) or "eval" (evaluates the workdir's latest
+checkpoint).
+"""
+
+import logging
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file (get_config), optionally with ':variant'.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None,
+                               "Directory for config, metrics, checkpoints "
+                               "and plots.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.getLogger().setLevel(logging.INFO)
+  from uniter_jax import train  # pylint: disable=g-import-not-at-top
+  result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  if result:
+    print("final evaluation:")
+    for k in sorted(result):
+      print(f"  {k}: {result[k]:.4f}")
+
+
+if __name__ == "__main__":
+  sys.exit(app.run(main))

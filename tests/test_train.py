@@ -1,0 +1,276 @@
+"""The training entrypoint: resume, signals, NaN, sharding, multi-process."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from configs import demo  # pylint: disable=g-import-not-at-top,wrong-import-position
+from uniter_jax import convert  # pylint: disable=wrong-import-position
+from uniter_jax.train import checkpoint as ckpt_lib  # pylint: disable=wrong-import-position
+from uniter_jax.train import input as input_lib  # pylint: disable=wrong-import-position
+from uniter_jax.train import metrics as metrics_lib  # pylint: disable=wrong-import-position
+from uniter_jax.train import trainer  # pylint: disable=wrong-import-position
+
+DATA_DIR = "/tmp/uniter_jax_test_data"
+
+
+def tiny_config(steps=4, tasks=("mlm", "itm"), **mesh):
+  c = demo.get_config("runlocal")
+  c.data.data_dir = DATA_DIR
+  c.model.update(dict(hidden_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, intermediate_size=64))
+  c.datasets.synthetic.tasks = tuple(tasks)
+  c.datasets.synthetic.mix_ratio = tuple(1 for _ in tasks)
+  c.train.num_train_steps = steps
+  c.train.token_budget = 256
+  c.log_every_steps = 1
+  c.eval.every_steps = 1000
+  c.eval.retrieval_images = 0
+  c.checkpoint.every_steps = 2
+  c.plots = False
+  c.mesh.data = mesh.get("data", 1)
+  c.mesh.fsdp = mesh.get("fsdp", 1)
+  return c
+
+
+def losses(workdir):
+  return [(r["step"], r["train/loss"]) for r in
+          metrics_lib.read_metrics(workdir) if "train/loss" in r]
+
+
+def _flat_params(workdir, step):
+  d = os.path.join(workdir, "checkpoints", str(step), "state")
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  tree = ocp.PyTreeCheckpointer().restore(d)
+  return traverse_util.flatten_dict(tree["params"])
+
+
+def _env(n_devices=1):
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n_devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+  return env
+
+
+def _run_py(args, **kw):
+  return subprocess.run([sys.executable, os.path.join(ROOT, "run.py"), *args],
+                        capture_output=True, text=True, env=_env(), **kw)
+
+
+def _overrides(steps, workdir, extra=()):
+  return ["--config", os.path.join(ROOT, "configs/demo.py:runlocal"),
+          "--workdir", str(workdir), f"--config.data.data_dir={DATA_DIR}",
+          f"--config.train.num_train_steps={steps}", *extra]
+
+
+def test_config_typo_is_an_error(tmp_path):
+  r = _run_py(_overrides(2, tmp_path, ["--config.train.learnin_rate=1"]))
+  assert r.returncode != 0
+  assert "learnin_rate" in r.stderr
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_run_py_end_to_end(tmp_path):
+  r = _run_py(_overrides(4, tmp_path, ["--config.checkpoint.every_steps=2",
+                                       "--config.log_every_steps=1"]))
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "final evaluation" in r.stdout
+  rows = metrics_lib.read_metrics(str(tmp_path))
+  assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4]
+  assert any("val/zs_ir_r1" in r for r in rows)
+  assert all(np.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
+  cfg = json.loads((tmp_path / "config.json").read_text())
+  assert cfg["train"]["num_train_steps"] == 4
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
+  for png in ("loss_curves.png", "wra_plan.png"):
+    assert (tmp_path / "plots" / png).stat().st_size > 10_000
+  assert list((tmp_path / "tensorboard").iterdir())
+  # The export converts to an official PyTorch state_dict.
+  model, params = convert.load_checkpoint(str(tmp_path / "export_flax"),
+                                          "pretrain")
+  assert model.cfg.hidden_size == 128
+  from uniter_jax.convert import __main__ as cli  # pylint: disable=g-import-not-at-top
+  assert cli.main(["to-torch", "--task", "pretrain",
+                   str(tmp_path / "export_flax"),
+                   str(tmp_path / "out.pt")]) == 0
+  # A second run on the finished workdir resumes and has nothing to do.
+  r2 = _run_py(_overrides(4, tmp_path))
+  assert r2.returncode == 0, r2.stderr[-2000:]
+  assert len(losses(str(tmp_path))) == 4
+
+
+class _StopAfter:
+  """Stands in for the SIGTERM flag: 'signals' once `update` is drawn."""
+
+  def __init__(self, update):
+    self.update = update
+    self.signum = None
+
+  def __enter__(self):
+    orig = input_lib.task_for_update
+
+    def spy(pool, seed, u):
+      if u >= self.update - 1:  # set while the last update runs
+        self.signum = signal.SIGTERM
+      return orig(pool, seed, u)
+
+    self._orig = orig
+    input_lib.task_for_update = spy
+    return self
+
+  def __exit__(self, *exc):
+    input_lib.task_for_update = self._orig
+
+
+def test_resume_is_exact(tmp_path, monkeypatch):
+  full, part = str(tmp_path / "full"), str(tmp_path / "part")
+  trainer.train_and_evaluate(tiny_config(steps=4), full)
+  # Interrupted after update 2 (as SIGTERM would), then resumed to 4.
+  stopper = _StopAfter(2)
+  monkeypatch.setattr(trainer, "_StopFlag", lambda: stopper)
+  trainer.train_and_evaluate(tiny_config(steps=4), part)
+  assert ckpt_lib.Checkpointer(part, 3).latest_step() == 2
+  assert len(losses(part)) == 2
+  monkeypatch.undo()
+  trainer.train_and_evaluate(tiny_config(steps=4), part)
+  assert losses(part) == losses(full)  # same data order, same numbers
+  a, b = _flat_params(full, 4), _flat_params(part, 4)
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg="/".join(k))
+
+
+def test_nan_in_a_batch_stops_the_run(tmp_path, monkeypatch):
+  calls = {"n": 0}
+  orig = input_lib.with_positions
+
+  def poisoned(batch, *a, **k):
+    calls["n"] += 1
+    out = orig(batch, *a, **k)
+    if calls["n"] == 4:
+      out = dict(out, img_feat=out["img_feat"] * np.nan)
+    return out
+
+  monkeypatch.setattr(input_lib, "with_positions", poisoned)
+  with pytest.raises(trainer.NonFiniteError, match="non-finite loss") as e:
+    trainer.train_and_evaluate(tiny_config(steps=6), str(tmp_path))
+  assert "micro-step 3" in str(e.value)
+  ck = ckpt_lib.Checkpointer(str(tmp_path), 3)
+  assert ck.latest_step() == 2
+  params = _flat_params(str(tmp_path), 2)
+  assert all(np.isfinite(v).all() for v in params.values())
+
+
+@pytest.mark.parametrize("mesh", [dict(data=8), dict(data=2, fsdp=4)])
+def test_sharded_training_matches_one_device(tmp_path, mesh):
+  assert len(jax.devices()) >= 8
+
+  def cfg(**m):
+    c = tiny_config(steps=3, **m)
+    n = c.mesh.data * c.mesh.fsdp
+    c.train.token_budget = 1024 // n  # per device: the same global budget
+    c.data.batch_multiple = 8      # the same batches on every mesh
+    c.train.sum_grads = False      # the same gradient scale on every mesh
+    c.checkpoint.every_steps = 100
+    return c
+
+  trainer.train_and_evaluate(cfg(), str(tmp_path / "one"))
+  trainer.train_and_evaluate(cfg(**mesh), str(tmp_path / "many"))
+  one, many = losses(str(tmp_path / "one")), losses(str(tmp_path / "many"))
+  assert [s for s, _ in one] == [s for s, _ in many] == [1, 2, 3]
+  np.testing.assert_allclose([l for _, l in many], [l for _, l in one],
+                             rtol=2e-4)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_together(tmp_path):
+  port = _free_port()
+  common = ["--config.mesh.data=-1", "--config.log_every_steps=1",
+            "--config.checkpoint.every_steps=3", "--config.plots=False",
+            "--config.eval.retrieval_images=0",
+            "--config.datasets.synthetic.tasks=('mlm','itm')",
+            "--config.datasets.synthetic.mix_ratio=(1,1)",
+            "--config.train.sum_grads=False"]
+  # Build the data once so both processes find it.
+  input_lib.maybe_build_synthetic(tiny_config())
+  procs = []
+  for pid in range(2):
+    args = _overrides(3, tmp_path / "multi", common + [
+        "--config.distributed.enabled=True",
+        f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+        "--config.distributed.num_processes=2",
+        f"--config.distributed.process_id={pid}"])
+    procs.append(subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "run.py"), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=_env(1)))
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  # The same global batches on one process with two devices.
+  single = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "run.py"),
+       *_overrides(3, tmp_path / "single", common)],
+      capture_output=True, text=True, env=_env(2), timeout=600)
+  assert single.returncode == 0, single.stderr[-3000:]
+  multi = losses(str(tmp_path / "multi"))
+  one = losses(str(tmp_path / "single"))
+  assert [s for s, _ in multi] == [1, 2, 3]
+  np.testing.assert_allclose([l for _, l in multi], [l for _, l in one],
+                             rtol=2e-4)
+  assert ckpt_lib.Checkpointer(str(tmp_path / "multi"), 3).latest_step() == 3
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
+  args = _overrides(100000, tmp_path, ["--config.checkpoint.every_steps=1000",
+                                       "--config.log_every_steps=1"])
+  p = subprocess.Popen([sys.executable, os.path.join(ROOT, "run.py"), *args],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       text=True, env=_env())
+  deadline = time.time() + 300
+  while time.time() < deadline and len(losses(str(tmp_path))) < 3:
+    time.sleep(0.5)
+  p.send_signal(signal.SIGTERM)
+  _, err = p.communicate(timeout=120)
+  assert p.returncode == 0, err[-3000:]
+  step = ckpt_lib.Checkpointer(str(tmp_path), 3).latest_step()
+  assert step is not None and 3 <= step < 100000
+  assert _flat_params(str(tmp_path), step)
+
+
+def test_kill_during_saves_leaves_a_loadable_latest_checkpoint(tmp_path):
+  args = _overrides(100000, tmp_path, ["--config.checkpoint.every_steps=1",
+                                       "--config.checkpoint.keep=2"])
+  p = subprocess.Popen([sys.executable, os.path.join(ROOT, "run.py"), *args],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       env=_env())
+  ckdir = tmp_path / "checkpoints"
+  deadline = time.time() + 300
+  while time.time() < deadline and not (
+      ckdir.exists() and len([d for d in os.listdir(ckdir)
+                              if d.isdigit()]) >= 2):
+    time.sleep(0.05)
+  time.sleep(0.3)  # saving every update: the kill lands in or near a save
+  p.kill()
+  p.wait()
+  step = ckpt_lib.Checkpointer(str(tmp_path), 2).latest_step()
+  assert step is not None
+  assert _flat_params(str(tmp_path), step)
