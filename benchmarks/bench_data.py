@@ -1,17 +1,30 @@
 """Input pipeline throughput vs the official LMDB reading path, and padding.
 
 Prints, for images with 36 and with 100 regions:
-  * examples/s on ONE core of `uniter_jax.data` (TFDS ArrayRecord -> join ->
-    bucketed, padded numpy batches), run in the main thread;
-  * examples/s on one core of the official way of reading the same examples:
-    an official-format txt_db (LMDB, lz4-compressed msgpack) and img_db
-    (LMDB; npz-compressed as the official default `compress=True`, and
-    plain msgpack) written in a temp dir from the very same records, decoded
-    and collated as DetectFeatTxtTokDataset + mlm_collate do (torch tensors,
-    pad to batch max, gather_index), on the same batch compositions;
+  * examples per CPU-second of `uniter_jax.data` (TFDS ArrayRecord -> join ->
+    bucketed, padded numpy batches), run in the main thread: "pipeline" with
+    the default float32 `img_feat` (the batch contract), "pipeline_fp16" with
+    `img_feat_dtype="float16"` (features cast on the device instead), and
+    "pipeline_dicts": float32 through the per-example path that task ops use
+    (an identity op; per-example fp32 dicts, then collate). Neither side
+    runs masking ops;
+  * examples per CPU-second of the official way of reading the same
+    examples: an official-format txt_db (LMDB, lz4-compressed msgpack) and
+    img_db (LMDB; plain msgpack, the official default, and npz-compressed,
+    `--compressed_db`) written in a temp dir from the very same records
+    (features, boxes, confidences and soft labels), decoded and collated as
+    DetectFeatTxtTokDataset + mlm_collate do (torch tensors, pad to the batch
+    max, gather_index), on the same batch compositions;
   * the padding fraction of the bucketed batches (synthetic corpus, and a
     realistic length distribution: COCO-like captions with 10..100 or 36
     regions, for several bucket counts).
+
+"Per core" = examples / CPU time of this process (`time.process_time`, all
+threads), best of `--reps` rounds after a warm-up, the variants taking
+turns within a round; both sides run in one thread (torch and OpenMP set to
+1 thread) and drop each batch once made, as a training loop would. CPU time rather than wall time,
+because the machine may be shared: other processes' load inflates wall time
+far more than CPU time. Wall-time rates are printed too.
 
 Usage: python benchmarks/bench_data.py [--images 150] [--captions 5]
 Not a test: figures are ratios measured in the same run.
@@ -50,11 +63,14 @@ def build_synthetic(data_dir: str, n_regions: int, images: int,
 
 
 # -- the official reading path (own code, same formats and steps) ------------
-def write_official(data, out_dir: str, compress: bool) -> tuple[str, str]:
+def write_official(data, data_dir: str, out_dir: str, compress: bool
+                   ) -> tuple[str, str]:
   """Writes txt_db / img_db LMDBs holding the same records as `data`."""
   os.makedirs(out_dir, exist_ok=True)
-  txt_dir = os.path.join(out_dir, "txt_db")
-  img_dir = os.path.join(out_dir, "img_db_" + ("npz" if compress else "mp"))
+  # One txt_db per variant: LMDB opens an environment once per process.
+  suffix = "npz" if compress else "mp"
+  txt_dir = os.path.join(out_dir, "txt_db_" + suffix)
+  img_dir = os.path.join(out_dir, "img_db_" + suffix)
   if not os.path.exists(txt_dir):
     env = lmdb.open(txt_dir, map_size=1 << 34)
     with env.begin(write=True) as txn:
@@ -65,12 +81,19 @@ def write_official(data, out_dir: str, compress: bool) -> tuple[str, str]:
         txn.put(rec["id"], lz4.frame.compress(
             msgpack.dumps(val, use_bin_type=True)))
     env.close()
+  from data_prep import schema  # pylint: disable=g-import-not-at-top
+  from uniter_jax.data import sources  # pylint: disable=g-import-not-at-top
+  soft_split = sources.RecordReader(data_dir, data.store.name,
+                                    schema.SOFT_LABEL_SPLIT,
+                                    schema.IMAGE_ARRAYS)
   env = lmdb.open(img_dir, map_size=1 << 36)
   with env.begin(write=True) as txn:
     for i, key in enumerate(data.store.keys):
       rec = data.store._source[i]  # pylint: disable=protected-access
+      soft = soft_split[i]
+      assert soft["img_key"].decode() == key
       arrs = {"features": rec["features"], "norm_bb": rec["norm_bb"],
-              "conf": rec["conf"], "soft_labels": rec["soft_labels"]}
+              "conf": rec["conf"], "soft_labels": soft["soft_labels"]}
       if compress:
         buf = io.BytesIO()
         np.savez_compressed(buf, **arrs)
@@ -142,43 +165,78 @@ class OfficialReader:
     return input_ids, pos_ids, feat, pos, attn, gather
 
 
-def timed(fn, reps: int) -> float:
-  """Best wall time of `reps` runs after one warm-up run."""
-  fn()
-  best = float("inf")
-  for _ in range(reps):
-    t0 = time.perf_counter()
+def _identity_op(example, rng, ctx):
+  """A task op that changes nothing: forces the per-example path (fp32
+  `img_feat` in every example dict, as ops see them, then collate)."""
+  del rng, ctx
+  return example
+
+
+def _drain(batches) -> None:
+  """Consumes batches one by one, dropping each (as a training loop does,
+  so both sides may reuse the memory of the batch before)."""
+  for _ in batches:
+    pass
+
+
+def timed(fns: dict, reps: int) -> dict[str, tuple[float, float]]:
+  """Best (CPU seconds, wall seconds) of each callable over `reps` rounds.
+
+  The callables run in turn within each round (after one warm-up run each),
+  so a burst of load from other processes hits all of them alike.
+  """
+  for fn in fns.values():
     fn()
-    best = min(best, time.perf_counter() - t0)
+  best = {k: (float("inf"), float("inf")) for k in fns}
+  for _ in range(reps):
+    for k, fn in fns.items():
+      c0, w0 = time.process_time(), time.perf_counter()
+      fn()
+      c, w = time.process_time() - c0, time.perf_counter() - w0
+      best[k] = (min(best[k][0], c), min(best[k][1], w))
   return best
 
 
 def bench_regions(tmp: str, n_regions: int, args) -> dict:
   from uniter_jax.data import pipeline, sources  # pylint: disable=g-import-not-at-top
   name = build_synthetic(tmp, n_regions, args.images, args.captions)
-  data = pipeline.UniterData(
-      tmp, f"uniter_synthetic_text/{name}:1.0.0", "train",
-      token_budget=args.token_budget, batch_multiple=8, shard_index=0,
-      shard_count=1, region_rule=sources.RegionRule(num_bb=n_regions),
-      seed=0)
-  steps = range(data.batches_per_epoch)
+  fns = {}
+  datas = {}
+  for label, dtype, ops in (("pipeline", "float32", None),
+                            ("pipeline_fp16", "float16", None),
+                            ("pipeline_dicts", "float32", [_identity_op])):
+    data = pipeline.UniterData(
+        tmp, f"uniter_synthetic_text/{name}:1.0.0", "train",
+        token_budget=args.token_budget, batch_multiple=8, shard_index=0,
+        shard_count=1, region_rule=sources.RegionRule(num_bb=n_regions),
+        img_feat_dtype=dtype, ops=ops, seed=0)
+    steps = range(data.batches_per_epoch)
+    fns[label] = (lambda d=data, st=steps:
+                  _drain(d.load_batch(s) for s in st))
+    datas[label] = data
+  data = datas["pipeline"]
   n_ex = sum(len(data.global_batch(s)[1]) for s in steps)
-  ours = timed(lambda: [data.load_batch(s) for s in steps], args.reps)
-  res = {"regions": n_regions, "examples": n_ex,
-         "pipeline_ex_per_s": n_ex / ours}
   sp = data.text.special
   ids = [data.text._source[int(r)]["id"].decode()  # pylint: disable=protected-access
          for r in data.text.records]
   name2nbb = {k: n_regions for k in data.store.keys}
   batches = [[ids[i] for i in data.global_batch(s)[1]] for s in steps]
-  for compress in (True, False):
-    txt_dir, img_dir = write_official(data, os.path.join(tmp, name), compress)
+  readers = []
+  for compress in (False, True):
+    label = "official_npz" if compress else "official_msgpack"
+    txt_dir, img_dir = write_official(data, tmp, os.path.join(tmp, name),
+                                      compress)
     reader = OfficialReader(txt_dir, img_dir, compress, name2nbb, sp["CLS"],
                             sp["SEP"])
-    t = timed(lambda: [reader.batch(b) for b in batches], args.reps)
+    readers.append(reader)
+    fns[label] = lambda r=reader: _drain(r.batch(b) for b in batches)
+  times = timed(fns, args.reps)
+  for reader in readers:
     reader.close()
-    res["official_npz_ex_per_s" if compress else
-        "official_msgpack_ex_per_s"] = n_ex / t
+  res = {"regions": n_regions, "examples": n_ex}
+  for label, (cpu, wall) in times.items():
+    res[f"{label}_ex_per_cpu_s"] = n_ex / cpu
+    res[f"{label}_ex_per_wall_s"] = n_ex / wall
   res["padding_fraction"] = data.stats()["padding_fraction"]
   return res
 
@@ -191,12 +249,16 @@ def realistic_padding(token_budget: int) -> list[dict]:
   dyn = np.clip(np.round(rng.normal(45, 22, n)), 10, 100)
   out = []
   for label, nb in (("36 regions", np.full(n, 36)), ("10..100 regions", dyn)):
-    for k in (4, 8, 16, 32):
+    # Fixed shape counts, then the pipeline's defaults (max_buckets=32,
+    # target_padding=0.10: shapes are added until padding <= 10%).
+    for k, target in ((4, 0.0), (8, 0.0), (16, 0.0), (24, 0.0), (32, 0.0),
+                      (32, 0.10)):
       b = bk.choose_buckets(t, nb, token_budget, 8, max_buckets=k,
-                            target_padding=0.0)
+                            target_padding=target)
       plan = bk.plan_epoch(bk.assign_buckets(t, nb, b), b, 0, 0)
       s = bk.padding_stats(t, nb, plan, b)
-      out.append({"lengths": label, "max_buckets": k, "shapes": len(b),
+      out.append({"lengths": label, "max_buckets": k,
+                  "target_padding": target, "shapes": len(b),
                   "padding_fraction": round(s["padding_fraction"], 4)})
   return out
 
@@ -206,22 +268,32 @@ def main():
   p.add_argument("--images", type=int, default=150)
   p.add_argument("--captions", type=int, default=5)
   p.add_argument("--token_budget", type=int, default=10240)
-  p.add_argument("--reps", type=int, default=2)
+  p.add_argument("--reps", type=int, default=3)
+  p.add_argument("--regions", default="36,100",
+                 help="comma-separated regions per image")
+  p.add_argument("--no_padding_table", action="store_true")
   args = p.parse_args()
   import torch  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(1)
   os.environ.setdefault("OMP_NUM_THREADS", "1")
   with tempfile.TemporaryDirectory() as tmp:
-    for n_regions in (36, 100):
+    for n_regions in [int(v) for v in args.regions.split(",")]:
       r = bench_regions(tmp, n_regions, args)
       print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
                         for k, v in r.items()}))
-      print(f"  regions={n_regions}: pipeline / official(npz) = "
-            f"{r['pipeline_ex_per_s'] / r['official_npz_ex_per_s']:.2f}x, "
-            f"pipeline / official(msgpack) = "
-            f"{r['pipeline_ex_per_s'] / r['official_msgpack_ex_per_s']:.2f}x "
-            f"per core; padding {r['padding_fraction']:.3f}", flush=True)
-  for row in realistic_padding(args.token_budget):
+      for ours in ("pipeline", "pipeline_fp16", "pipeline_dicts"):
+        def ratio(off, kind, ours=ours):
+          return (r[f"{ours}_ex_per_{kind}_s"]
+                  / r[f"official_{off}_ex_per_{kind}_s"])
+        print(f"  regions={n_regions} {ours}: per core (CPU time) "
+              f"{ratio('msgpack', 'cpu'):.2f}x official msgpack, "
+              f"{ratio('npz', 'cpu'):.2f}x official npz; wall time "
+              f"{ratio('msgpack', 'wall'):.2f}x / {ratio('npz', 'wall'):.2f}x",
+              flush=True)
+      print(f"  regions={n_regions}: padding {r['padding_fraction']:.3f}",
+            flush=True)
+  for row in ([] if args.no_padding_table else
+              realistic_padding(args.token_budget)):
     print(json.dumps(row))
 
 

@@ -96,7 +96,14 @@ def _builders(args) -> list:
     if over and not args.name:
       raise SystemExit("synthetic: give --name when overriding a preset "
                        f"({sorted(over)})")
-    cfg = dataclasses.replace(preset, name=args.name or preset.name, **over)
+    if not over and args.name in (None, preset.name):
+      cfg = preset   # the built-in config itself (TFDS refuses a copy of it)
+    elif args.name in {c.name for c in synthetic.UniterSyntheticImages.
+                       BUILDER_CONFIGS}:
+      raise SystemExit(f"synthetic: --name {args.name} is a built-in preset; "
+                       "choose another name for a custom corpus")
+    else:
+      cfg = dataclasses.replace(preset, name=args.name, **over)
     return [synthetic.UniterSyntheticImages(config=cfg, **kw),
             synthetic.UniterSyntheticText(config=cfg, **kw)]
   name = args.name

@@ -140,17 +140,17 @@ class UniterButdImages(common.ImageStoreBuilder):
     return paths
 
   def _image_meta(self):
-    return {"db_cut": None}
+    n_cols = self._first_line_columns
+    return {"db_cut": None, "has_soft_labels": n_cols == 7,
+            "has_conf": n_cols in (7, 10)}
 
   def _split_generators(self, dl_manager):
     self._tsv = self._paths(dl_manager)
     with open(self._tsv[0], newline="") as f:
       csv.field_size_limit(sys.maxsize)
       first = next(csv.reader(f, delimiter="\t"), [])
-    out = super()._split_generators(dl_manager)
-    self.info.metadata.update({"has_soft_labels": len(first) == 7,
-                               "has_conf": len(first) in (7, 10)})
-    return out
+    self._first_line_columns = len(first)
+    return super()._split_generators(dl_manager)
 
   def _iter_images(self, dl_manager):
     n_cols = None

@@ -6,6 +6,13 @@ shuffling, so `img_index.json` lists the image keys in record order), record
 checks, a tqdm progress bar, and counts of written and dropped records in the
 dataset metadata. A subclass only yields records.
 
+Records are written to ArrayRecord **uncompressed** (`ARRAY_RECORD_OPTIONS`):
+region features are fp16 noise-like values that compress poorly, and
+decompressing a 100-region record costs more CPU than reading it (see
+docs/data.md). Detector soft labels, the largest array, go to their own split
+(`schema.SOFT_LABEL_SPLIT`, same record order as `images`), so readers that do
+not train MRC never read them.
+
 TFDS writes into a temporary directory and renames it when everything,
 including `dataset_info.json` and `metadata.json`, is written; an exception
 anywhere in a subclass's generator removes the temporary directory, so an
@@ -14,6 +21,7 @@ interrupted build leaves nothing that `tfds.data_source` can open.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -23,11 +31,47 @@ from typing import Any, Iterator, Mapping
 from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import file_adapters
 import tqdm
 
 from data_prep import schema
 
 ARRAY_RECORD = "array_record"
+# ArrayRecord writer options of every data_prep dataset. TFDS 4.9.10 writes
+# 'group_size:1' (brotli by default); one record per group keeps random
+# access cheap, and no compression makes a read a plain copy.
+ARRAY_RECORD_OPTIONS = "group_size:1,uncompressed"
+
+
+class _UncompressedArrayRecord(file_adapters.ArrayRecordFileAdapter):
+  """TFDS's ArrayRecord adapter, writing with `ARRAY_RECORD_OPTIONS`."""
+
+  @classmethod
+  def write_examples(cls, path, iterator):
+    from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+    writer = array_record_module.ArrayRecordWriter(os.fspath(path),
+                                                   ARRAY_RECORD_OPTIONS)
+    for _, serialized_example in iterator:
+      writer.write(serialized_example)
+    writer.close()
+    return None
+
+
+@contextlib.contextmanager
+def _array_record_options():
+  """Routes TFDS's ArrayRecord writes through `_UncompressedArrayRecord`.
+
+  TFDS has no option for the ArrayRecord writer's options string; the
+  adapter registry is swapped for the duration of one build only. Readers
+  need nothing: an ArrayRecord file records its own options.
+  """
+  fmt = file_adapters.FileFormat.ARRAY_RECORD
+  old = file_adapters.ADAPTER_FOR_FORMAT[fmt]
+  file_adapters.ADAPTER_FOR_FORMAT[fmt] = _UncompressedArrayRecord
+  try:
+    yield
+  finally:
+    file_adapters.ADAPTER_FOR_FORMAT[fmt] = old
 
 
 def full_name(builder: tfds.core.DatasetBuilder) -> str:
@@ -47,6 +91,11 @@ class _Counting:
   @classmethod
   def code_path(cls) -> epath.Path:
     return epath.Path(inspect.getfile(cls))
+
+  def _download_and_prepare(self, dl_manager, download_config=None):
+    # Both `common.build` and `tfds build` (data_prep.tfds_build) get here.
+    with _array_record_options():
+      return super()._download_and_prepare(dl_manager, download_config)
 
   def _reset_counts(self):
     self._written = collections.Counter()
@@ -98,9 +147,18 @@ class ImageStoreBuilder(_Counting, tfds.core.GeneratorBasedBuilder):
     md = self.info.metadata
     md.clear()
     md.update({"kind": "images", "source": self.SOURCE,
-               "img_store": full_name(self), "dropped": {}, "written": {}})
+               "img_store": full_name(self), "dropped": {}, "written": {},
+               "array_record_options": ARRAY_RECORD_OPTIONS})
     md.update(self._image_meta())
-    return {schema.IMAGE_SPLIT: self._generate(dl_manager)}
+    if "has_soft_labels" not in md:
+      raise ValueError(f"{full_name(self)}: _image_meta() must set "
+                       "has_soft_labels")
+    md["soft_label_split"] = bool(md["has_soft_labels"])
+    self._keys = []
+    gens = {schema.IMAGE_SPLIT: self._generate(dl_manager)}
+    if md["soft_label_split"]:
+      gens[schema.SOFT_LABEL_SPLIT] = self._generate_soft_labels(dl_manager)
+    return gens
 
   def _generate_examples(self, *args, **kwargs):
     raise NotImplementedError("records come from _split_generators")
@@ -111,15 +169,22 @@ class ImageStoreBuilder(_Counting, tfds.core.GeneratorBasedBuilder):
     seen = set()
     bar = tqdm.tqdm(self._iter_images(dl_manager), total=self._total(),
                     desc=f"{name} images", unit="img")
+    has_soft = bool(self.info.metadata["has_soft_labels"])
     for rec in bar:
       rec = to_image_record(rec)
       key = rec["img_key"]
       if key in seen:
         raise schema.DataPrepError(name, key, "duplicate image key")
       schema.check_image_record(rec, name)
+      if has_soft and not rec.pop("_has_soft_labels"):
+        raise schema.DataPrepError(name, key, "no soft labels, but the "
+                                   "store has them (has_soft_labels=True)")
+      rec.pop("_has_soft_labels", None)
       seen.add(key)
+      rec["soft_labels"] = rec["soft_labels"][:0]   # in SOFT_LABEL_SPLIT
       yield len(keys), rec
       keys.append(key)
+    self._keys = keys
     self._written[schema.IMAGE_SPLIT] = len(keys)
     self._save_counts()
     # self.data_dir is TFDS's temporary directory here; it is renamed with
@@ -128,12 +193,48 @@ class ImageStoreBuilder(_Counting, tfds.core.GeneratorBasedBuilder):
       json.dump(keys, f)
 
 
+  def _generate_soft_labels(self, dl_manager):
+    """Second pass over the source: the `SOFT_LABEL_SPLIT` records.
+
+    Same keys in the same order as the `images` split; only `img_key`,
+    `num_bb` and `soft_labels` are filled (the other arrays are empty). TFDS
+    generates the splits one after the other, so `self._keys` holds the
+    image split's order here; a source that yields another order fails.
+    """
+    name = f"{full_name(self)}[{schema.SOFT_LABEL_SPLIT}]"
+    n = 0
+    bar = tqdm.tqdm(self._iter_images(dl_manager), total=self._total(),
+                    desc=f"{name} soft labels", unit="img")
+    for rec in bar:
+      rec = to_image_record(rec)
+      key = rec["img_key"]
+      if n >= len(self._keys) or self._keys[n] != key:
+        raise schema.DataPrepError(name, key, f"record {n} differs from the "
+                                   "images split (source order not stable)")
+      schema.check_image_record(rec, name)
+      if not rec.pop("_has_soft_labels"):
+        raise schema.DataPrepError(name, key, "no soft labels, but the "
+                                   "store has them (has_soft_labels=True)")
+      for field, width in (("features", schema.FEAT_DIM),
+                           ("norm_bb", schema.BOX_DIM)):
+        rec[field] = rec[field][:0].reshape(0, width)
+      rec["conf"] = rec["conf"][:0]
+      yield n, rec
+      n += 1
+    if n != len(self._keys):
+      raise schema.DataPrepError(name, "*", f"{n} records, but the images "
+                                 f"split has {len(self._keys)}")
+    self._written[schema.SOFT_LABEL_SPLIT] = n
+    self._save_counts()
+
+
 def to_image_record(rec: Mapping[str, Any]) -> dict[str, Any]:
   """Casts a source record to the schema dtypes (features fp16 etc.)."""
   with np.errstate(over="ignore"):   # overflow -> inf, caught by the check
     feats = np.asarray(rec["features"]).astype(np.float16)
     n = feats.shape[0] if feats.ndim == 2 else 0
     soft = rec.get("soft_labels")
+    soft_given = soft is not None
     soft = (np.zeros((n, schema.NUM_LABELS), np.float16) if soft is None
             else np.asarray(soft).astype(np.float16))
   return {
@@ -145,6 +246,7 @@ def to_image_record(rec: Mapping[str, Any]) -> dict[str, Any]:
       "soft_labels": soft,
       "image_w": np.int32(rec.get("image_w", 0) or 0),
       "image_h": np.int32(rec.get("image_h", 0) or 0),
+      "_has_soft_labels": soft_given,
   }
 
 

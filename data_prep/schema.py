@@ -6,10 +6,15 @@ cheaply. Two kinds of TFDS datasets exist:
 
 * An **image store**: one dataset per feature source (e.g. one official
   `img_db`, one BUTD TSV set, the synthetic images). One record per image,
-  all in the single split `IMAGE_SPLIT`. Records are written in a fixed order
+  all in the split `IMAGE_SPLIT`. Records are written in a fixed order
   (no TFDS shuffling), and the side file `IMG_INDEX_FILE` in the builder
   directory lists the image keys in record order, so the pipeline maps a key
   to a record index without decoding any record (`read_image_index`).
+  The detector soft labels (the largest array, read only by MRC tasks) are
+  in the split `SOFT_LABEL_SPLIT`, record i holding image i's; there
+  `features`, `norm_bb` and `conf` are empty, and in `IMAGE_SPLIT`
+  `soft_labels` is empty. Stores whose source has no soft labels
+  (`has_soft_labels: false`) have no such split.
 * A **text dataset**: one per task db. Records refer to images by key
   (`img_keys`), so an image shared by five captions is stored once.
 
@@ -36,7 +41,8 @@ import numpy as np
 FEAT_DIM = 2048          # detector region feature size
 NUM_LABELS = 1601        # 1600 Visual Genome classes + background (index 0)
 BOX_DIM = 6              # [x1, y1, x2, y2, w, h], normalised to [0, 1]
-IMAGE_SPLIT = "images"   # the only split of an image store
+IMAGE_SPLIT = "images"   # every image of an image store, one record each
+SOFT_LABEL_SPLIT = "soft_labels"   # their soft labels, same order (if any)
 IMG_INDEX_FILE = "img_index.json"   # image keys in record order
 META_FILE = "metadata.json"         # written by tfds MetadataDict
 NO_TARGET = -1           # `target` value when a task has none
@@ -66,6 +72,8 @@ IMAGE_META_KEYS = (
     "img_store",       # its own tfds name "builder/config:version"
     "has_soft_labels", # False: `soft_labels` rows are all zero
     "db_cut",          # rule the source already applied (dict) or None
+    "soft_label_split",  # True: soft labels are in SOFT_LABEL_SPLIT
+    "array_record_options",  # ArrayRecord writer options ("uncompressed")
     "dropped",         # {reason: count}
     "written",         # {split: count}
 )
@@ -118,6 +126,23 @@ def text_features():
       "target_labels": t(shape=(None,), dtype=np.int32),
       "target_scores": t(shape=(None,), dtype=np.float32),
   })
+
+
+# How the arrays above are serialised: one raw (little-endian) bytes value
+# each, decodable with `np.frombuffer(value, dtype).reshape((-1,) + tail)`.
+# Readers that bypass TFDS's per-feature decoding use these tables.
+IMAGE_ARRAYS = {
+    "features": (np.float16, (FEAT_DIM,)),
+    "norm_bb": (np.float32, (BOX_DIM,)),
+    "conf": (np.float32, ()),
+    "soft_labels": (np.float16, (NUM_LABELS,)),
+}
+TEXT_ARRAYS = {
+    "input_ids": (np.int32, ()),
+    "target_labels": (np.int32, ()),
+    "target_scores": (np.float32, ()),
+}
+TEXT_LISTS = ("img_keys",)   # Sequence(Text): a list of bytes values
 
 
 # ----------------------------------------------------------------------------

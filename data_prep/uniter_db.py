@@ -171,20 +171,18 @@ class UniterImgDb(common.ImageStoreBuilder):
                         self.builder_config.img_db)
 
   def _image_meta(self):
-    return {}
+    info = parse_img_db_name(self._db)
+    return {"has_soft_labels": _first_has_soft_labels(self._db),
+            "db_cut": info["db_cut"], "db_name": info["name"]}
 
   def _split_generators(self, dl_manager):
     db_dir = self._db_dir(dl_manager)
     if not os.path.isdir(db_dir):
       raise FileNotFoundError(f"{common.full_name(self)}: img_db folder "
                               f"{db_dir} does not exist")
-    info = parse_img_db_name(db_dir)
+    parse_img_db_name(db_dir)   # raises on a name that is no official variant
     self._db = db_dir
-    out = super()._split_generators(dl_manager)
-    self.info.metadata.update({
-        "has_soft_labels": _first_has_soft_labels(db_dir),
-        "db_cut": info["db_cut"], "db_name": info["name"]})
-    return out
+    return super()._split_generators(dl_manager)
 
   def _iter_images(self, dl_manager):
     has_soft = self.info.metadata["has_soft_labels"]

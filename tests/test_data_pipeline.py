@@ -133,6 +133,8 @@ def test_join_matches_stored_images(data_dir, rule):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   d = make(data_dir, region_rule=rule, with_soft_labels=True)
   imgs = tfds.data_source(IMAGES, split=schema.IMAGE_SPLIT, data_dir=data_dir)
+  softs = tfds.data_source(IMAGES, split=schema.SOFT_LABEL_SPLIT,
+                           data_dir=data_dir)
   texts = tfds.data_source(TEXT, split="train", data_dir=data_dir)
   key_to_index = schema.read_image_index(schema.builder_dir(data_dir, IMAGES))
   meta = schema.read_meta(schema.builder_dir(data_dir, TEXT))
@@ -151,8 +153,10 @@ def test_join_matches_stored_images(data_dir, rule):
     # fp16 -> fp32 is exact: casting back gives the stored bits.
     np.testing.assert_array_equal(ex["img_feat"].astype(np.float16),
                                   img["features"][:n])
+    soft = softs[key_to_index[key]]
+    assert soft["img_key"].decode() == key and img["soft_labels"].shape[0] == 0
     np.testing.assert_array_equal(ex["img_soft_labels"],
-                                  img["soft_labels"][:n].astype(np.float32))
+                                  soft["soft_labels"][:n].astype(np.float32))
     bb = img["norm_bb"][:n]
     np.testing.assert_array_equal(ex["img_pos_feat"][:, :6], bb)
     np.testing.assert_allclose(ex["img_pos_feat"][:, 6], bb[:, 4] * bb[:, 5],
@@ -337,6 +341,9 @@ class _Corrupt:
     rec = self.src[i]
     return self.fn(dict(rec)) if i == self.index else rec
 
+  def get(self, i, fields):
+    return {k: v for k, v in self[i].items() if k in fields}
+
 
 def test_missing_image_key_is_an_error(data_dir):
   store = sources.ImageStore(data_dir, IMAGES)
@@ -402,3 +409,215 @@ def test_with_pretraining_ops_from_tasks(data_dir):
   assert (batch["img_feat"][batch["img_masks"]] == 0).all()
   assert batch["feat_targets"].shape == batch["img_feat"].shape
   assert batch["label_targets"].shape[-1] == 1601
+
+
+# ---------------------------------------------------------------------------
+# Fast reading path: uncompressed ArrayRecord, in-place parsing, fp16 cast.
+# ---------------------------------------------------------------------------
+def test_fp16_to_fp32_is_exact_for_every_bit_pattern():
+  bits = np.arange(1 << 16, dtype=np.uint16)
+  x = bits.view(np.float16)
+  want = x.astype(np.float32)
+  finite = np.isfinite(x)
+  assert not sources.fp16_all_finite(x)
+  assert sources.fp16_all_finite(x[finite])
+  # Finite values (bit-shift path), incl. subnormals and -0.
+  got = sources.fp16_to_fp32(x[finite])
+  np.testing.assert_array_equal(got.view(np.uint32),
+                                want[finite].view(np.uint32))
+  # With inf/NaN present (lookup-table path), every pattern incl. payloads.
+  np.testing.assert_array_equal(sources.fp16_to_fp32(x).view(np.uint32),
+                                want.view(np.uint32))
+  for bad in (np.inf, -np.inf, np.nan):
+    assert not sources.fp16_all_finite(np.array([1, bad, 2], np.float16))
+  # Into a given output, from an unaligned view.
+  raw = np.zeros(2 * 12 + 1, np.uint8)
+  unaligned = np.ndarray((3, 4), np.float16, buffer=raw, offset=1)
+  unaligned[...] = np.arange(12).reshape(3, 4) - 5.5
+  out = np.full((3, 4), 7.0, np.float32)
+  assert sources.fp16_to_fp32(unaligned, out=out) is out
+  np.testing.assert_array_equal(out, np.arange(12).reshape(3, 4) - 5.5)
+
+
+def test_flat_reader_matches_tfds(data_dir):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from uniter_jax.data import arrayrecord  # pylint: disable=g-import-not-at-top
+  cases = [(IMAGES, schema.IMAGE_SPLIT, schema.IMAGE_ARRAYS, ()),
+           (IMAGES, schema.SOFT_LABEL_SPLIT, schema.IMAGE_ARRAYS, ()),
+           (TEXT, "train", schema.TEXT_ARRAYS, schema.TEXT_LISTS)]
+  for name, split, arrays, lists in cases:
+    reader = sources.RecordReader(data_dir, name, split, arrays, lists)
+    assert reader._flat is not None, (name, split)  # pylint: disable=protected-access
+    files = tfds.data_source(name, split=split, data_dir=data_dir)
+    for f in files.dataset_info.splits[split].file_instructions:
+      assert arrayrecord.writer_options(f.filename).split(",")[:4] == [
+          "group_size:1", "transpose:false", "pad_to_block_boundary:false",
+          "uncompressed"]
+    for i in range(len(files)):
+      a, b = reader[i], files[i]
+      assert a.keys() == b.keys()
+      for k in a:
+        if isinstance(b[k], np.ndarray) and b[k].dtype != object:
+          assert a[k].dtype == b[k].dtype, k
+          np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+        else:
+          assert list(a[k]) == list(b[k]) if isinstance(a[k], list) else (
+              a[k] == b[k]), k
+    # Records of a dataset share a layout: after the first, the largest
+    # array lands 8-byte aligned in its buffer (no realigning copy).
+    rec = reader.get(len(reader) - 1, tuple(arrays))
+    big = max(rec.values(), key=lambda v: v.nbytes)
+    assert big.ctypes.data % 8 == 0
+
+
+def test_flat_reader_refuses_other_layouts(tmp_path):
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  from uniter_jax.data import arrayrecord  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / "x.array_record")
+  w = array_record_module.ArrayRecordWriter(path, "group_size:1")  # brotli
+  w.write(b"abc")
+  w.close()
+  assert not arrayrecord.supported(path)
+  with pytest.raises(arrayrecord.FormatError):
+    arrayrecord.parse_example(b"\x0a\x05\x0a\x03\x0a\x01")  # truncated entry
+
+
+def test_corrupted_record_is_an_error(data_dir):
+  store = sources.ImageStore(data_dir, IMAGES)
+  src = store._source  # pylint: disable=protected-access
+  buf = src._flat.read(3).copy()  # pylint: disable=protected-access
+  buf[1:40] = 0xFF
+  with pytest.raises(sources.DataError, match=r"images\].*record 3.*corrupt"):
+    src.decode_flat(buf, 3)
+
+
+def test_img_feat_float16_option(data_dir):
+  d32 = make(data_dir)
+  d16 = make(data_dir, img_feat_dtype="float16")
+  for step in range(d32.batches_per_epoch):
+    a, b = d32.load_batch(step), d16.load_batch(step)
+    assert a.keys() == b.keys()
+    assert a["img_feat"].dtype == np.float32
+    assert b["img_feat"].dtype == np.float16
+    np.testing.assert_array_equal(b["img_feat"].astype(np.float32),
+                                  a["img_feat"])
+    for k in a:
+      if k != "img_feat":
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  with pytest.raises(ValueError, match="img_feat_dtype"):
+    make(data_dir, img_feat_dtype="bfloat16")
+
+
+def test_no_op_batches_equal_op_path_batches(data_dir):
+  """Without ops the fp16 features are cast while padding; same batches."""
+  def identity(example, rng, ctx):
+    del rng, ctx
+    assert example["img_feat"].dtype == np.float32   # the contract
+    return example
+  plain = make(data_dir)
+  with_op = make(data_dir, ops=[identity])
+  for step in range(plain.batches_per_epoch):
+    same_batch(plain.load_batch(step), with_op.load_batch(step))
+
+
+def test_soft_label_split_out_of_order_is_an_error(data_dir):
+  store = sources.ImageStore(data_dir, IMAGES, with_soft_labels=True)
+
+  class _Shifted:
+    def __init__(self, src):
+      self.src = src
+
+    def get(self, i, fields):
+      return self.src.get(i + 1, fields)
+
+  store._soft = _Shifted(store._soft)  # pylint: disable=protected-access
+  with pytest.raises(sources.DataError, match="out of order"):
+    store.load(0)
+
+
+def test_default_buckets_reach_target_padding():
+  """UniterData's defaults (max_buckets=32, target 10%) on realistic
+  dynamic-region lengths; 16 shapes are not enough for 10%."""
+  import inspect  # pylint: disable=g-import-not-at-top
+  sig = inspect.signature(pipeline.UniterData)
+  max_buckets = sig.parameters["max_buckets"].default
+  target = sig.parameters["target_padding"].default
+  t, n = _lengths(100000)
+  buckets = bk.choose_buckets(t, n, 10240, 8, max_buckets=max_buckets,
+                              target_padding=target)
+  plan = bk.plan_epoch(bk.assign_buckets(t, n, buckets), buckets, 0, 0)
+  assert 16 < len(buckets) <= max_buckets
+  assert bk.padding_stats(t, n, plan, buckets)["padding_fraction"] <= 0.101
+  sixteen = bk.choose_buckets(t, n, 10240, 8, max_buckets=16)
+  plan = bk.plan_epoch(bk.assign_buckets(t, n, sixteen), sixteen, 0, 0)
+  assert bk.padding_stats(t, n, plan, sixteen)["padding_fraction"] > 0.12
+
+
+def test_compressed_datasets_read_through_slow_path(data_dir, monkeypatch):
+  """A store written with TFDS's default (brotli) ArrayRecord options is read
+  through array_record + protobuf and gives the very same batches."""
+  from data_prep import common, synthetic  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(common, "ARRAY_RECORD_OPTIONS", "group_size:1")
+  cfg = dataclasses.replace(synthetic.TINY_CONFIG, name="pipebrotli",
+                            num_train_images=40, num_val_images=8,
+                            captions_per_image=3, min_regions=10,
+                            max_regions=60)
+  for builder in (synthetic.UniterSyntheticImages,
+                  synthetic.UniterSyntheticText):
+    common.build(builder(config=cfg, data_dir=data_dir))
+  slow_text = "uniter_synthetic_text/pipebrotli:1.0.0"
+  slow = pipeline.UniterData(
+      data_dir, slow_text, "train", token_budget=1024, batch_multiple=4,
+      shard_index=0, shard_count=1, max_buckets=6, target_padding=0.0,
+      seed=3, with_soft_labels=True)
+  fast = make(data_dir, with_soft_labels=True)
+  assert not slow.store._source.flat and fast.store._source.flat  # pylint: disable=protected-access
+  assert slow.batches_per_epoch == fast.batches_per_epoch
+  for step in range(slow.batches_per_epoch):
+    same_batch(slow.load_batch(step), fast.load_batch(step))
+  a = fast.example(5, 0)
+  b = slow.example(5, 0)
+  np.testing.assert_array_equal(a["img_soft_labels"], b["img_soft_labels"])
+
+
+def test_buffer_pool_reuses_only_unreferenced_memory():
+  pool = collate_lib.BufferPool(max_buffers=2, min_bytes=1 << 20)
+  shape = (300, 1024)                       # 1.2 MB of float32
+  a = pool.empty(shape, np.float32)
+  where = a.ctypes.data
+  del a
+  b = pool.empty(shape, np.float32)
+  assert b.ctypes.data == where and len(pool) == 1     # reused
+  c = pool.empty(shape, np.float32)
+  assert c.ctypes.data != where and len(pool) == 2     # b still alive
+  view = b[1:]
+  del b
+  d = pool.empty(shape, np.float32)                    # pool full, all used
+  assert d.ctypes.data not in (where, c.ctypes.data) and len(pool) == 2
+  del view
+  e = pool.empty((2, 300, 1024), np.float16)          # fits in b's buffer
+  assert e.ctypes.data == where and e.shape == (2, 300, 1024)
+  small = pool.empty((4, 4), np.float32)
+  assert len(pool) == 2 and small.shape == (4, 4)
+  del c, d, e, small
+
+
+@pytest.mark.parametrize("ops", [None, "identity"])
+def test_dropped_batches_recycle_memory_safely(data_dir, ops):
+  """Batches kept alive (a list: no memory reused) equal batches dropped
+  one by one (pooled memory reused)."""
+  def identity(example, rng, ctx):
+    del rng, ctx
+    return example
+
+  def digest(batch):
+    return {k: (v.shape, v.dtype.str, hash(v.tobytes()))
+            for k, v in batch.items()}
+
+  kw = dict(token_budget=4096, ops=None if ops is None else [identity])
+  kept = list(make(data_dir, **kw).iterator(num_epochs=2, num_threads=2))
+  want = [digest(b) for b in kept]
+  d = make(data_dir, **kw)
+  got = [digest(b) for b in d.iterator(num_epochs=2, num_threads=2)]
+  assert got == want
+  assert len(d._pool) >= 1  # pylint: disable=protected-access

@@ -69,8 +69,10 @@ def test_img_db_round_trip(tmp_path, compressed, variant):
   images = fx.make_images(5, seed=1, min_bb=3, max_bb=14)
   b, summary = _build_img_db(tmp_path, images, variant=variant,
                              compressed=compressed, min_bb=4, num_bb=6)
-  assert summary.written == {"images": 5} and summary.dropped == {}
+  assert summary.written == {"images": 5, "soft_labels": 5}
+  assert summary.dropped == {}
   src = _source(tmp_path / "data", "uniter_img_db/imgs", "images")
+  soft = _source(tmp_path / "data", "uniter_img_db/imgs", "soft_labels")
   index = schema.read_image_index(b.data_dir)
   assert list(index) == list(images)
   meta = schema.read_meta(b.data_dir)
@@ -84,7 +86,11 @@ def test_img_db_round_trip(tmp_path, compressed, variant):
     assert rec["num_bb"] == want["features"].shape[0]
     assert rec["features"].dtype == np.float16
     np.testing.assert_array_equal(rec["features"], want["features"])
-    np.testing.assert_array_equal(rec["soft_labels"], want["soft_labels"])
+    assert rec["soft_labels"].shape == (0, 1601)
+    srec = soft[index[key]]
+    assert srec["img_key"].decode() == key and srec["num_bb"] == rec["num_bb"]
+    assert srec["features"].shape == (0, 2048)
+    np.testing.assert_array_equal(srec["soft_labels"], want["soft_labels"])
     np.testing.assert_array_equal(rec["norm_bb"],
                                   want["norm_bb"].astype(np.float32))
     np.testing.assert_array_equal(rec["conf"], want["conf"].astype(np.float32))
@@ -100,10 +106,13 @@ def test_img_db_round_trip(tmp_path, compressed, variant):
 def test_img_db_without_soft_labels(tmp_path):
   images = fx.make_images(2, soft=False)
   b, _ = _build_img_db(tmp_path, images, variant="all")
-  assert not schema.read_meta(b.data_dir)["has_soft_labels"]
+  meta = schema.read_meta(b.data_dir)
+  assert not meta["has_soft_labels"] and not meta["soft_label_split"]
+  assert meta["written"] == {"images": 2}
   rec = _source(tmp_path / "data", "uniter_img_db/imgs", "images")[0]
-  assert rec["soft_labels"].shape == (rec["num_bb"], 1601)
-  assert not rec["soft_labels"].any()
+  assert rec["soft_labels"].shape == (0, 1601)
+  with pytest.raises(Exception):
+    _source(tmp_path / "data", "uniter_img_db/imgs", "soft_labels")
 
 
 def _assert_not_built(tmp_path, name):
@@ -273,11 +282,14 @@ def test_butd_tsv_round_trip(tmp_path, layout):
   b = butd.UniterButdImages(config=butd.ButdConfig(name="t"),
                             data_dir=os.fspath(tmp_path / "data"))
   summary = common.build(b, manual_dir=os.fspath(manual))
-  assert summary.written == {"images": 3}
+  assert summary.written == ({"images": 3, "soft_labels": 3} if layout == 7
+                             else {"images": 3})
   meta = schema.read_meta(b.data_dir)
   assert meta["has_soft_labels"] == (layout == 7)
   assert meta["has_conf"] == (layout != 6)
   src = _source(tmp_path / "data", "uniter_butd_images/t", "images")
+  if layout == 7:
+    soft = _source(tmp_path / "data", "uniter_butd_images/t", "soft_labels")
   index = schema.read_image_index(b.data_dir)
   for key, arrs in images.items():
     rec = src[index[key]]
@@ -292,10 +304,11 @@ def test_butd_tsv_round_trip(tmp_path, layout):
     assert (rec["image_w"], rec["image_h"]) == (w, h)
     if layout == 6:
       np.testing.assert_array_equal(rec["conf"], 1.0)
-      assert not rec["soft_labels"].any()
+      assert rec["soft_labels"].shape == (0, 1601)
     elif layout == 7:
       np.testing.assert_array_equal(
-          rec["soft_labels"], arrs["soft_labels"].astype(np.float16))
+          soft[index[key]]["soft_labels"],
+          arrs["soft_labels"].astype(np.float16))
       np.testing.assert_array_equal(
           rec["conf"], arrs["soft_labels"][:, 1:].max(1))
     else:

@@ -12,13 +12,34 @@ from data_prep import synthetic
 from data_prep import tokenizer
 
 
+class _Merged:
+  """Image records with `soft_labels` taken from the soft-label split."""
+
+  def __init__(self, images, soft):
+    self.images, self.soft = images, soft
+
+  def __len__(self):
+    assert len(self.images) == len(self.soft)
+    return len(self.images)
+
+  def __getitem__(self, i):
+    rec, soft = dict(self.images[i]), self.soft[i]
+    assert rec["soft_labels"].shape == (0, schema.NUM_LABELS)
+    assert soft["img_key"] == rec["img_key"]
+    assert soft["num_bb"] == rec["num_bb"]
+    assert soft["features"].shape == (0, schema.FEAT_DIM)
+    rec["soft_labels"] = soft["soft_labels"]
+    return rec
+
+
 def _build(data_dir, cfg):
   common.build(synthetic.UniterSyntheticImages(config=cfg,
                                                data_dir=os.fspath(data_dir)))
   common.build(synthetic.UniterSyntheticText(config=cfg,
                                              data_dir=os.fspath(data_dir)))
-  img = tfds.data_source(f"uniter_synthetic_images/{cfg.name}",
-                         data_dir=os.fspath(data_dir), split="images")
+  img = _Merged(*(tfds.data_source(f"uniter_synthetic_images/{cfg.name}",
+                                   data_dir=os.fspath(data_dir), split=s)
+                  for s in (schema.IMAGE_SPLIT, schema.SOFT_LABEL_SPLIT)))
   txt = {s: tfds.data_source(f"uniter_synthetic_text/{cfg.name}",
                              data_dir=os.fspath(data_dir), split=s)
          for s in ("train", "val")}
@@ -66,7 +87,9 @@ def test_image_structure(tiny):
   cfg = synthetic.TINY_CONFIG
   meta = schema.read_meta(schema.builder_dir(
       d, "uniter_synthetic_images/tiny:1.0.0"))
-  assert meta["has_soft_labels"] and meta["written"] == {"images": 32}
+  assert meta["has_soft_labels"] and meta["written"] == {"images": 32,
+                                                  "soft_labels": 32}
+  assert meta["soft_label_split"]
   right = total = 0
   for i in range(len(img)):
     r = img[i]
@@ -198,7 +221,8 @@ def test_cli_synthetic(tmp_path, capsys):
                    "--preset", "tiny", "--name", "s2", "--num_train_images",
                    "6", "--num_val_images", "2"]) == 0
   out = capsys.readouterr().out
-  assert "uniter_synthetic_images/s2:1.0.0: wrote images=8" in out
+  assert ("uniter_synthetic_images/s2:1.0.0: wrote images=8, soft_labels=8"
+          in out)
   assert "wrote train=18, val=6" in out
   vocab = tokenizer.read_vocab(os.path.join(
       schema.builder_dir(tmp_path, "uniter_synthetic_text/s2:1.0.0"),
@@ -224,3 +248,41 @@ def test_tfds_build_command(tmp_path):
   want = synthetic.image_record(cfg, 2)
   np.testing.assert_array_equal(src[2]["features"],
                                 want["features"].astype(np.float16))
+
+
+def test_cli_synthetic_preset_without_name(tmp_path, capsys):
+  """`--preset tiny` alone builds the built-in config (it used to fail with
+  TFDS's "Cannot name a custom BuilderConfig the same as ..." error)."""
+  from data_prep import __main__ as cli  # pylint: disable=g-import-not-at-top
+  assert cli.main(["synthetic", "--data_dir", os.fspath(tmp_path),
+                   "--preset", "tiny"]) == 0
+  out = capsys.readouterr().out
+  assert "uniter_synthetic_images/tiny:1.0.0: wrote images=32, soft_labels=32" \
+      in out
+  assert "uniter_synthetic_text/tiny:1.0.0: wrote train=72, val=24" in out
+  with pytest.raises(SystemExit, match="built-in preset"):
+    cli.main(["synthetic", "--data_dir", os.fspath(tmp_path), "--preset",
+              "default", "--name", "tiny"])
+
+
+def test_written_uncompressed_with_soft_label_split(tiny):
+  """Every split is ArrayRecord `group_size:1,uncompressed`; soft labels
+  live in their own split, in the images split's order."""
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  d, img, _ = tiny
+  meta = schema.read_meta(schema.builder_dir(
+      d, "uniter_synthetic_images/tiny:1.0.0"))
+  assert meta["array_record_options"] == common.ARRAY_RECORD_OPTIONS
+  files = [p for p in (d / "uniter_synthetic_images" / "tiny" / "1.0.0"
+                       ).iterdir() if ".array_record" in p.name]
+  files += [p for p in (d / "uniter_synthetic_text" / "tiny" / "1.0.0"
+                        ).iterdir() if ".array_record" in p.name]
+  assert len(files) == 4   # images, soft_labels, train, val
+  for p in files:
+    r = array_record_module.ArrayRecordReader(os.fspath(p),
+                                              "readahead_buffer_size:0")
+    opts = r.writer_options_string().split(",")
+    r.close()
+    assert "uncompressed" in opts and "group_size:1" in opts, (p, opts)
+  for i in range(len(img)):
+    img[i]   # _Merged checks keys, counts and shapes of both splits

@@ -5,7 +5,9 @@ Public API:
   Bucket, choose_buckets, assign_buckets, plan_epoch (buckets.py)
   OpContext, register_op, get_op                    (ops.py)
   RegionRule, ImageStore, TextSource, DataError     (sources.py)
-  collate.collate (the module keeps its name)        (collate.py)
+  collate.collate, collate.BufferPool                (collate.py)
+  RecordReader, fp16_to_fp32 (sources.py); FlatArrayRecord,
+  parse_example (arrayrecord.py: uncompressed ArrayRecord reading)
 See docs/data.md.
 """
 

@@ -88,7 +88,9 @@ def choose_buckets(txt_lens: Sequence[int] | np.ndarray,
       data-parallel devices).
     max_buckets: how many distinct shapes (XLA programs) at most.
     target_padding: stop adding shapes once the padded fraction of slots is
-      at most this (0 uses all `max_buckets` shapes that still help).
+      at most this (0 uses all `max_buckets` shapes that still help); the
+      estimate includes the remainders `plan_epoch` carries into wider
+      shapes.
     length_multiple: Lt and Li are rounded up to a multiple of this.
     max_levels: candidate edges per axis (weighted quantiles).
     min_batches: a shape is only added if it takes at least this many full
@@ -140,7 +142,9 @@ def choose_buckets(txt_lens: Sequence[int] | np.ndarray,
   best = np.full(len(pairs), float(sum(root)))
   real = float((pairs.sum(1) * counts).sum())
   while len(chosen) < max_buckets:
-    if 1.0 - real / float((best * counts).sum()) <= target_padding:
+    slots = float((best * counts).sum()) + _expected_carry_slots(
+        chosen, token_budget, batch_multiple)
+    if 1.0 - real / slots <= target_padding:
       break
     totals = (np.minimum(cost, best[None]) * counts[None]).sum(1)
     # A shape must take at least `min_batches` full batches of examples away
@@ -157,6 +161,22 @@ def choose_buckets(txt_lens: Sequence[int] | np.ndarray,
   chosen = sorted(set(chosen), key=lambda s: (s[0] + s[1], s))
   return [Bucket(a, b, _batch_size(a + b, token_budget, batch_multiple))
           for a, b in chosen]
+
+
+def _expected_carry_slots(shapes, token_budget: int,
+                          batch_multiple: int) -> float:
+  """Expected extra slots per epoch from `plan_epoch` carrying each shape's
+  remainder (on average half a batch) into the next wider shape; the
+  stopping test of `choose_buckets` counts them so that the padding of the
+  actual batches, not only of the histogram, meets `target_padding`."""
+  bs = sorted((Bucket(a, b, _batch_size(a + b, token_budget, batch_multiple))
+               for a, b in shapes), key=lambda b: (b.seq_len, b.max_txt,
+                                                   b.max_img))
+  extra = 0.0
+  for k, j in enumerate(_carry_targets(bs)):
+    if j is not None:
+      extra += (bs[k].batch_size - 1) / 2 * (bs[j].seq_len - bs[k].seq_len)
+  return extra
 
 
 def assign_buckets(txt_lens, num_bbs, buckets: Sequence[Bucket]) -> np.ndarray:

@@ -61,13 +61,21 @@ class UniterData:
     batch_multiple: every global batch size is a multiple of this (use the
       data-parallel device count); must be a multiple of `shard_count`.
     max_buckets, target_padding, length_multiple: see
-      `buckets.choose_buckets` (ignored when `buckets` is given).
+      `buckets.choose_buckets` (ignored when `buckets` is given). Shapes are
+      added until padding is at most `target_padding` (10%) or there are
+      `max_buckets` (32) of them: fixed 36 regions stop at ~3 shapes,
+      dynamic 10..100 regions need ~26 (docs/data.md has the trade-off).
     buckets: explicit shapes, `Bucket`s or `(Lt, Li)` pairs (batch sizes then
       follow from the budget); examples that fit none are dropped, counted.
     max_txt_len: texts with more tokens (without CLS/SEP) are dropped and
       counted, as the official loader does; -1 keeps all.
     region_rule: the num_bb rule.
     with_soft_labels: also load detector soft labels (MRC tasks).
+    img_feat_dtype: "float32" (default, the batch contract) or "float16":
+      batches then carry `img_feat` as the stored fp16 values, for a model
+      that casts on the device (the Flax UNITER casts `img_feat` to its
+      compute dtype). Saves the host-side cast and half of the feature
+      bytes copied and sent to the device; values are the same.
     ops: per-example task ops (names in the registry or callables).
     op_params: hyper-parameters the ops read from their context, e.g.
       {"mlm_prob": 0.15, "itm_neg_prob": 0.5}.
@@ -80,13 +88,14 @@ class UniterData:
   def __init__(self, data_dir: str, text: str, split: str = "train", *,
                token_budget: int,
                batch_multiple: int = 1,
-               max_buckets: int = 16,
+               max_buckets: int = 32,
                target_padding: float = 0.10,
                length_multiple: int = 1,
                buckets: Sequence[bk.Bucket | tuple[int, int]] | None = None,
                max_txt_len: int = 60,
                region_rule: sources.RegionRule = sources.RegionRule(),
                with_soft_labels: bool = False,
+               img_feat_dtype: Any = "float32",
                ops: Sequence[str | ops_lib.Op] | Mapping[str, ops_lib.Op]
                | None = None,
                op_params: Mapping[str, Any] | None = None,
@@ -108,7 +117,8 @@ class UniterData:
       raise ValueError(f"{text}: metadata names no img_store; pass "
                        "image_store=")
     self.store = sources.ImageStore(data_dir, store_name, region_rule,
-                                    with_soft_labels)
+                                    with_soft_labels, img_feat_dtype)
+    self.img_feat_dtype = self.store.img_feat_dtype
     self.text = sources.TextSource(data_dir, text, split, self.store,
                                    max_txt_len)
     self.name = self.text.name
@@ -143,6 +153,8 @@ class UniterData:
     self._neg_pos = np.full(len(self.store), len(imgs), np.int64)
     self._neg_pos[self._neg_images] = np.arange(len(imgs))
 
+    # Memory of the large batch arrays, reused once a batch is dropped.
+    self._pool = collate_lib.BufferPool()
     self._plans: collections.OrderedDict[int, bk.EpochPlan] = (
         collections.OrderedDict())
     self._lock = threading.Lock()
@@ -209,9 +221,11 @@ class UniterData:
         _sample_image=self._sample_image, params=self.op_params)
 
   def example(self, index: int, epoch: int,
-              bucket: bk.Bucket | None = None) -> dict[str, Any]:
-    """Joined example `index` after the task ops of `epoch`."""
-    ex = self.text.example(index)
+              bucket: bk.Bucket | None = None,
+              img_feat_out: np.ndarray | None = None) -> dict[str, Any]:
+    """Joined example `index` after the task ops of `epoch`
+    (`img_feat_out`: see `ImageStore.load`)."""
+    ex = self.text.example(index, img_feat_out=img_feat_out)
     if self.ops:
       if bucket is None:
         bucket = self.buckets[int(self.assignment[index])]
@@ -223,8 +237,24 @@ class UniterData:
     """This host's rows of batch `step`, padded to the step's bucket."""
     bucket, rows = self.host_rows(step)
     epoch = int(step) // self.batches_per_epoch
-    examples = [self.example(int(i), epoch, bucket) for i in rows]
-    return collate_lib.collate(examples, bucket)
+    if self.ops:
+      arena = None
+      if self.img_feat_dtype == np.float32:
+        # The examples' fp32 features are views of one array: a single large
+        # (huge-page backed) allocation instead of one fresh one per example.
+        arena = self._pool.empty((len(rows), bucket.max_img,
+                                  schema.FEAT_DIM), np.float32)
+      examples = [self.example(int(i), epoch, bucket,
+                               None if arena is None else arena[r])
+                  for r, i in enumerate(rows)]
+    else:
+      # No op sees the examples: keep the stored fp16 features (checked
+      # finite by the store) and let collate cast them straight into the
+      # padded batch (same values, one pass less over the largest array).
+      examples = [self.text.example(int(i), np.float16) for i in rows]
+    return collate_lib.collate(examples, bucket,
+                               img_feat_dtype=self.img_feat_dtype,
+                               fp16_checked=not self.ops, pool=self._pool)
 
   # -- iteration --------------------------------------------------------------
   def iterator(self, num_epochs: int | None = None, num_threads: int = 2,

@@ -1,13 +1,19 @@
 """Random-access readers of the data_prep TFDS datasets, and the text-image join.
 
-`ImageStore` reads one image-store dataset (`tfds.data_source`, no TensorFlow
-runtime), maps image keys to record indices once (from the store's
-`img_index.json`), applies the official region-count rule and returns the
-model's image part: fp32 features, the 7-d box feature and (optionally) the
-detector soft labels. `TextSource` reads one text split, drops texts longer
-than `max_txt_len` (counted, as the official `TxtTokLmdb` does) and resolves
-every record's image key up front, so a key missing from the store is an
-error at start-up, not mid-epoch.
+`RecordReader` reads one split of a data_prep dataset: the files
+`tfds.data_source` would read (no TensorFlow runtime), but record bytes come
+from `arrayrecord.FlatArrayRecord` (one `preadv`, for the uncompressed files
+data_prep writes) and are parsed in place, arrays as `np.frombuffer` views;
+other files go through the array_record library and protobuf.
+`ImageStore` reads one image store, maps image keys to record indices once
+(from the store's `img_index.json`), applies the official region-count rule
+and returns the model's image part: fp32 (or fp16) features, the 7-d box
+feature and (optionally) the detector soft labels, from the store's
+`soft_labels` split. `TextSource` reads one text split once, drops texts
+longer than `max_txt_len` (counted, as the official `TxtTokLmdb` does),
+resolves every record's image key up front, so a key missing from the store
+is an error at start-up, not mid-epoch, and keeps the kept records' fields
+in flat arrays.
 
 Schema: `data_prep/schema.py`.
 """
@@ -16,10 +22,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
+from typing import Any, Sequence
 
 from data_prep import schema
 import numpy as np
+
+from uniter_jax.data import arrayrecord
 
 
 class DataError(ValueError):
@@ -44,24 +52,56 @@ class RegionRule:
     return dataclasses.asdict(self)
 
 
-# fp16 bit pattern -> fp32 value; `np.take` on this table is exact (NaN
-# payloads included) and ~4x faster than numpy's fp16 `astype` on CPUs.
+# fp16 bit pattern -> fp32 value; exact for every pattern (NaN payloads
+# included). Used for inputs that hold inf/NaN; finite inputs take the
+# faster bit-shift path of `fp16_to_fp32`.
 _F16_TO_F32 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(
     np.float32)
+_F16_EXP = 0x7C00                      # fp16 exponent bits (all ones: inf/NaN)
+_TWO_POW_112 = np.float32(2.0 ** 112)  # fp32 bias 127 - fp16 bias 15 = 112
+_KEEP_SIGN_EXP_MANT = np.uint32(0x8FFFFFFF).view(np.int32)
 
 
-def fp16_to_fp32(x: np.ndarray) -> np.ndarray:
-  """Exact float16 -> float32 cast (fast table lookup)."""
+def fp16_all_finite(x: np.ndarray) -> bool:
+  """True when no element of the float16 array `x` is inf or NaN."""
   x = np.ascontiguousarray(x, np.float16)
-  return np.take(_F16_TO_F32, x.view(np.uint16))
+  if not x.size:
+    return True
+  # inf/NaN have all exponent bits set: +inf/NaN are 0x7C00..0x7FFF, the
+  # largest int16 patterns; -inf/NaN 0xFC00..0xFFFF, the largest uint16 ones.
+  return (int(x.view(np.int16).max()) < _F16_EXP
+          and int(x.view(np.uint16).max()) < 0x8000 + _F16_EXP)
 
 
-def _all_finite(x: np.ndarray) -> bool:
-  # For values cast from fp16 (|x| <= 65504) the sum cannot overflow, so it
-  # is finite exactly when every element is; one SIMD pass.
-  if x.size and x.size < 1e30 / 65504:
-    return bool(np.isfinite(x.sum(dtype=np.float32)))
-  return bool(np.isfinite(x).all())
+def fp16_to_fp32(x: np.ndarray, out: np.ndarray | None = None,
+                 finite: bool | None = None) -> np.ndarray:
+  """Exact float16 -> float32 cast, ~6x faster than numpy's `astype`.
+
+  numpy converts float16 element by element in scalar code. For finite
+  values the fp32 bit pattern is the fp16 magnitude bits shifted left by 13,
+  with the sign bit at bit 31, read as fp32 and multiplied by 2**112 (exact:
+  a power of two; it also renormalises fp16 subnormals): four vectorised
+  passes, written into `out`. Arrays holding inf/NaN go through an exact
+  lookup table instead (`finite=True`: the caller has checked).
+  """
+  x = np.ascontiguousarray(x, np.float16)
+  bits = x.view(np.uint16)
+  if out is None:
+    out = np.empty(x.shape, np.float32)
+  elif out.shape != x.shape or out.dtype != np.float32:
+    raise ValueError(f"out must be float32 {x.shape}, got {out.dtype} "
+                     f"{out.shape}")
+  if not (finite if finite is not None else fp16_all_finite(x)):
+    np.take(_F16_TO_F32, bits, out=out)
+    return out
+  i = out.view(np.int32)
+  # Sign-extend to 32 bits; after the shift the fp16 sign is at bit 28 and
+  # copies of it fill bits 29-31: keep bit 31, clear 28-30.
+  np.copyto(i, bits.view(np.int16), casting="unsafe")
+  np.left_shift(i, 13, out=i)
+  np.bitwise_and(i, _KEEP_SIGN_EXP_MANT, out=i)
+  np.multiply(out, _TWO_POW_112, out=out)
+  return out
 
 
 def box7(norm_bb: np.ndarray) -> np.ndarray:
@@ -76,28 +116,273 @@ def _tfds_source(name: str, split: str, data_dir: str):
                           download=False)
 
 
+def _example_proto():
+  from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=g-import-not-at-top
+  return tf_example_pb2.Example
+
+
+class RecordReader:
+  """One split of a data_prep dataset, decoded straight from ArrayRecord.
+
+  `tfds.data_source(...)[i]` runs TFDS's generic per-feature numpy decoder,
+  which costs more than reading the record. This reads the same ArrayRecord
+  files (the TFDS data source's underlying `ArrayRecordDataSource`), parses
+  the `tf.Example` once with protobuf and turns each array field into
+  `np.frombuffer(bytes, dtype)` (read-only, no further copy), using the
+  schema's tables (`schema.IMAGE_ARRAYS`, `schema.TEXT_ARRAYS`). Text fields
+  come back as `bytes`, `Sequence(Text)` fields as lists of `bytes`, scalars
+  as ints: the same values as `tfds.data_source`.
+
+  Args:
+    data_dir, name, split: the TFDS dataset split.
+    arrays: {field: (dtype, trailing shape)} of the array fields.
+    lists: names of `Sequence(Text)` fields.
+  """
+
+  def __init__(self, data_dir: str, name: str, split: str,
+               arrays: dict[str, tuple[Any, tuple[int, ...]]],
+               lists: tuple[str, ...] = ()):
+    self.name = f"{name}[{split}]"
+    self.tfds_source = _tfds_source(name, split, data_dir)
+    self._raw = getattr(self.tfds_source, "data_source", None)
+    if self._raw is None or not hasattr(self._raw, "__getitems__"):
+      raise DataError(self.name, "*", "not an ArrayRecord data source; "
+                      "rebuild the dataset with data_prep")
+    features = set(self.tfds_source.dataset_info.features.keys())
+    missing = sorted(set(arrays) - features)
+    if missing:
+      raise DataError(self.name, "*", f"dataset has no fields {missing}; "
+                      f"it has {sorted(features)}")
+    self._arrays = dict(arrays)
+    self._layout = {}
+    for key, (dtype, tail) in self._arrays.items():
+      dtype = np.dtype(dtype)
+      self._layout[key] = (dtype, tuple(tail), dtype.itemsize,
+                           dtype.itemsize * int(np.prod(tail, dtype=np.int64)))
+    self._lists = frozenset(lists)
+    self._example = _example_proto()
+    # Files written by data_prep (group_size:1, uncompressed) are read with
+    # one preadv per record and parsed in place; others (e.g. built with
+    # compression) through the array_record library and protobuf.
+    try:
+      self._flat = arrayrecord.FlatArrayRecord(
+          self.tfds_source.dataset_info.splits[split].file_instructions)
+    except arrayrecord.FormatError as e:
+      logging.info("%s: slow path (%s)", self.name, e)
+      self._flat = None
+    self._base = 0
+    if self._flat is not None and len(self._flat) != len(self._raw):
+      raise DataError(self.name, "*", f"{len(self._flat)} records in the "
+                      f"files, {len(self._raw)} in the split")
+
+  def __len__(self) -> int:
+    return len(self._raw)
+
+  def decode(self, buf: bytes, index: Any,
+             fields: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """The fields (default: all) of one serialised record."""
+    try:
+      fmap = self._example.FromString(buf).features.feature
+    except Exception as e:  # pylint: disable=broad-except
+      raise DataError(self.name, index, f"corrupted record ({type(e).__name__}"
+                      f": {e})") from e
+    out = {}
+    for key in (fmap.keys() if fields is None else fields):
+      if key not in fmap:
+        raise DataError(self.name, index, f"record has no field {key!r}")
+      feat = fmap[key]
+      kind = feat.WhichOneof("kind")
+      if kind == "bytes_list":
+        vals = feat.bytes_list.value
+        if key in self._arrays:
+          dtype, tail = self._arrays[key]
+          raw = vals[0] if len(vals) else b""
+          try:
+            out[key] = np.frombuffer(raw, dtype).reshape((-1,) + tail)
+          except ValueError:
+            raise DataError(self.name, index, f"{key}: {len(raw)} bytes are "
+                            f"no whole number of {tail} {np.dtype(dtype)} "
+                            "rows (corrupted record)") from None
+        elif key in self._lists:
+          out[key] = list(vals)
+        else:
+          out[key] = vals[0] if len(vals) else b""
+      elif kind == "int64_list":
+        out[key] = int(feat.int64_list.value[0])
+      elif kind == "float_list":
+        out[key] = float(feat.float_list.value[0])
+      else:
+        raise DataError(self.name, index, f"field {key!r} is empty")
+    return out
+
+  def decode_flat(self, buf: bytearray, index: Any,
+                  fields: tuple[str, ...] | None = None,
+                  start: int = 0,
+                  spans: dict[str, tuple[int, int]] | None = None
+                  ) -> dict[str, Any]:
+    """As `decode`, parsing the wire format of `buf[start:]` in place:
+    arrays are views of `buf` (no copy). If `spans` is a dict, it receives
+    each array field's (offset in the record, byte length)."""
+    try:
+      feats = arrayrecord.parse_example(
+          buf, start, None if fields is None else frozenset(fields))
+    except (arrayrecord.FormatError, IndexError, UnicodeDecodeError) as e:
+      raise DataError(self.name, index, f"corrupted record ({e})") from e
+    out = {}
+    largest = (0, 0)
+    mem = memoryview(buf) if isinstance(buf, np.ndarray) else buf
+    for key in (feats.keys() if fields is None else fields):
+      if key not in feats:
+        raise DataError(self.name, index, f"record has no field {key!r}")
+      kind, val = feats[key]
+      if kind == "bytes":
+        if key in self._arrays:
+          dtype, tail, item, row = self._layout[key]
+          off, n = val[0] if val else (0, 0)
+          largest = max(largest, (n, off))
+          if spans is not None:
+            spans[key] = (off - start, n)
+          if n % row:
+            raise DataError(self.name, index, f"{key}: {n} bytes are no "
+                            f"whole number of {tail} {dtype} rows "
+                            "(corrupted record)")
+          out[key] = (np.frombuffer(buf, dtype, n // item, off) if n
+                      else np.empty(0, dtype)).reshape((-1,) + tail)
+        elif key in self._lists:
+          out[key] = [bytes(mem[a:a + n]) for a, n in val]
+        else:
+          out[key] = (bytes(mem[val[0][0]:val[0][0] + val[0][1]]) if val
+                      else b"")
+      elif kind == "int64" and val:
+        out[key] = int(val[0])
+      elif kind == "float" and len(val):
+        out[key] = float(val[0])
+      else:
+        raise DataError(self.name, index, f"field {key!r} is empty")
+    if largest[0]:
+      # Where to place the next record in its buffer so that its largest
+      # array starts 8-byte aligned (records of a dataset share a layout).
+      self._base = (start - largest[1]) % 8
+    return out
+
+  def _read(self, index: int, fields: tuple[str, ...] | None):
+    if self._flat is not None:
+      base = self._base
+      return self.decode_flat(self._flat.read(int(index), base), index,
+                              fields, base)
+    return self.decode(self._raw[int(index)], index, fields)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return self._read(index, None)
+
+  def get(self, index: int, fields: tuple[str, ...]) -> dict[str, Any]:
+    """Only `fields` of record `index` (the others are not decoded)."""
+    return self._read(index, fields)
+
+  @property
+  def flat(self) -> bool:
+    """True when records are read with `arrayrecord.FlatArrayRecord`."""
+    return self._flat is not None
+
+  def get_with_spans(self, index: int, fields: tuple[str, ...]
+                     ) -> tuple[dict[str, Any], dict[str, tuple[int, int]]]:
+    """`get`, plus each array field's (offset in the record, byte length);
+    needs `flat`."""
+    spans = {}
+    base = self._base
+    rec = self.decode_flat(self._flat.read(int(index), base), index, fields,
+                           base, spans)
+    return rec, spans
+
+  def read_span_arrays(self, index: int,
+                       spans: Sequence[tuple[str, int, int]]
+                       ) -> list[np.ndarray]:
+    """Arrays of record `index` at known (field, offset, byte length)
+    places, without parsing; the record is placed so that the first one
+    starts 8-byte aligned. Needs `flat`."""
+    base = (-spans[0][1]) % 8
+    buf = self._flat.read(int(index), base)
+    out = []
+    for key, off, n in spans:
+      dtype, tail, item, _ = self._layout[key]
+      if base + off + n > len(buf):
+        raise DataError(self.name, index, f"{key}: record shorter than its "
+                        "recorded layout")
+      out.append(np.frombuffer(buf, dtype, n // item, base + off).reshape(
+          (-1,) + tail))
+    return out
+
+  def iter_fields(self, fields: tuple[str, ...], chunk: int = 512):
+    """(index, fields) of every record, read in chunks (start-up scans)."""
+    if self._flat is not None:
+      for i in range(len(self)):
+        yield i, self._read(i, fields)
+      return
+    for lo in range(0, len(self), chunk):
+      idx = list(range(lo, min(lo + chunk, len(self))))
+      for i, buf in zip(idx, self._raw.__getitems__(idx)):
+        yield i, self.decode(buf, i, fields)
+
+
+_IMAGE_HOT_FIELDS = ("features", "norm_bb", "conf", "num_bb")
+_TEXT_FIELDS = ("id", "input_ids", "img_keys", "target", "target_labels",
+                "target_scores")
+
+
 class ImageStore:
-  """An image-store dataset: key -> image part of an example."""
+  """An image-store dataset: key -> image part of an example.
+
+  Args:
+    data_dir, name: the image store ("builder/config:version").
+    rule: the num_bb rule.
+    with_soft_labels: also return `img_soft_labels` (read from the store's
+      soft-label split, so stores read without them never touch them).
+    img_feat_dtype: dtype of `img_feat`: float32 (the batch contract; exact
+      cast of the stored fp16) or float16 (the stored values as they are,
+      for models that cast on the device; half the host work and bytes).
+  """
 
   def __init__(self, data_dir: str, name: str, rule: RegionRule = RegionRule(),
-               with_soft_labels: bool = False):
+               with_soft_labels: bool = False,
+               img_feat_dtype: Any = np.float32):
     self.name = name
     self.rule = rule
     self.with_soft_labels = with_soft_labels
+    self.img_feat_dtype = np.dtype(img_feat_dtype)
+    if self.img_feat_dtype not in (np.dtype(np.float32),
+                                   np.dtype(np.float16)):
+      raise ValueError(f"img_feat_dtype must be float32 or float16, got "
+                       f"{self.img_feat_dtype}")
     bdir = schema.builder_dir(data_dir, name)
     self.meta = schema.read_meta(bdir)
     self.key_to_index = schema.read_image_index(bdir)
     self.keys = [None] * len(self.key_to_index)
     for k, i in self.key_to_index.items():
       self.keys[i] = k
-    self._source = _tfds_source(name, schema.IMAGE_SPLIT, data_dir)
+    self._source = RecordReader(data_dir, name, schema.IMAGE_SPLIT,
+                                schema.IMAGE_ARRAYS)
     if len(self._source) != len(self.keys):
       raise DataError(name, "*", f"img_index.json lists {len(self.keys)} keys "
                       f"but the split holds {len(self._source)} records")
     if with_soft_labels and not self.meta.get("has_soft_labels", True):
       raise DataError(name, "*", "soft labels requested (MRC) but the store "
                       "has none (has_soft_labels=False)")
+    # Stores built before the soft-label split keep them in `images`.
+    self._soft = None
+    if with_soft_labels and self.meta.get("soft_label_split"):
+      self._soft = RecordReader(data_dir, name, schema.SOFT_LABEL_SPLIT,
+                                schema.IMAGE_ARRAYS)
+      if len(self._soft) != len(self.keys):
+        raise DataError(name, "*", f"split {schema.SOFT_LABEL_SPLIT} holds "
+                        f"{len(self._soft)} records, {schema.IMAGE_SPLIT} "
+                        f"{len(self.keys)}")
     self._num_bbs: np.ndarray | None = None
+    # Per record, where `features` and `norm_bb` lie (offset, bytes, offset,
+    # bytes), learnt when a record is first parsed (the start-up scan of
+    # `num_bbs`); later reads of it skip parsing. -1: not known yet.
+    self._spans = np.full((len(self.keys), 4), -1, np.int64)
+    self._hot_fields = _IMAGE_HOT_FIELDS + (
+        ("soft_labels",) if with_soft_labels and self._soft is None else ())
 
   def __len__(self) -> int:
     return len(self.keys)
@@ -129,30 +414,99 @@ class ImageStore:
     if len(todo) > 1000:
       logging.info("%s: reading region counts of %d images", self.name,
                    len(todo))
+    flat = isinstance(self._source, RecordReader) and self._source.flat
     for i in todo:
-      rec = self._source[int(i)]
+      if flat:
+        rec, spans = self._source.get_with_spans(int(i), _IMAGE_HOT_FIELDS)
+        self._learn_spans(int(i), rec, spans)
+      else:
+        rec = self._source[int(i)]
       self._num_bbs[i] = self._nbb(rec, self.keys[i])
     return self._num_bbs if indices is None else self._num_bbs[indices]
 
-  def load(self, index: int) -> dict[str, Any]:
-    """The image part of an example: img_feat, img_pos_feat[, soft labels]."""
+  def _learn_spans(self, index: int, rec: dict[str, Any],
+                   spans: dict[str, tuple[int, int]]) -> None:
+    if int(rec["num_bb"]) == len(rec["features"]) == len(rec["norm_bb"]):
+      self._spans[index] = (*spans["features"], *spans["norm_bb"])
+
+  def _read_hot(self, index: int):
+    """(stored features, stored norm_bb, regions to use, the decoded record
+    or None) of image record `index`."""
+    n = -1 if self._num_bbs is None else int(self._num_bbs[index])
+    sp = self._spans[index]
+    legacy_soft = self._soft is None and self.with_soft_labels
+    if n > 0 and sp[0] >= 0 and not legacy_soft and self._source.flat:
+      feats, bb = self._source.read_span_arrays(index, (
+          ("features", int(sp[0]), int(sp[1])),
+          ("norm_bb", int(sp[2]), int(sp[3]))))
+      if n <= len(feats) == len(bb):
+        return feats, bb, n, None
     key = self.keys[index]
-    rec = self._source[int(index)]
-    n = self._nbb(rec, key)
-    feats = rec["features"]
+    if legacy_soft:   # soft labels inside `images` (older stores)
+      rec = self._source.get(index, self._hot_fields)
+    elif isinstance(self._source, RecordReader) and self._source.flat:
+      rec, spans = self._source.get_with_spans(index, self._hot_fields)
+      self._learn_spans(index, rec, spans)
+    else:
+      rec = self._source.get(index, self._hot_fields)
+    if n < 0 or int(rec["num_bb"]) != len(rec["conf"]) or n > int(
+        rec["num_bb"]):
+      n = self._nbb(rec, key)   # not counted at start-up (or inconsistent)
+    return rec["features"], rec["norm_bb"], n, rec
+
+  def _soft_labels(self, index: int, rec: dict[str, Any], key: str,
+                   n: int) -> np.ndarray:
+    if self._soft is None:
+      soft = rec["soft_labels"]   # legacy layout: `rec` is always decoded
+    else:
+      srec = self._soft.get(index, ("img_key", "soft_labels"))
+      if srec["img_key"].decode() != key:
+        raise DataError(self.name, key, f"{schema.SOFT_LABEL_SPLIT} record "
+                        f"{index} is {srec['img_key']!r}; the splits are out "
+                        "of order")
+      soft = srec["soft_labels"]
+    if soft.shape[0] < n:
+      raise DataError(self.name, key, f"{soft.shape[0]} soft-label rows for "
+                      f"{n} regions")
+    soft = soft[:n]
+    if not soft.flags.aligned:
+      soft = soft.copy()
+    if not fp16_all_finite(soft):
+      raise DataError(self.name, key, "img_soft_labels holds NaN/inf")
+    return fp16_to_fp32(soft, finite=True)
+
+  def load(self, index: int, img_feat_dtype: Any = None,
+           img_feat_out: np.ndarray | None = None) -> dict[str, Any]:
+    """The image part of an example: img_feat, img_pos_feat[, soft labels].
+
+    `img_feat_dtype` overrides the store's dtype for this call (the pipeline
+    asks for the stored float16 when no op will see the example, and casts
+    while padding: `collate(..., img_feat_dtype=float32)`).
+    `img_feat_out`: a float32 [>= num_bb, 2048] array whose first rows
+    receive the fp32 features (the pipeline passes rows of one per-batch
+    arena: one large allocation instead of one per example).
+    """
+    dtype = (self.img_feat_dtype if img_feat_dtype is None
+             else np.dtype(img_feat_dtype))
+    key = self.keys[index]
+    feats, norm_bb, n, rec = self._read_hot(int(index))
     if feats.ndim != 2 or feats.shape[1] != schema.FEAT_DIM:
       raise DataError(self.name, key, f"features shape {feats.shape}, "
                       f"expected (n, {schema.FEAT_DIM})")
+    feats = feats[:n]
+    if not feats.flags.aligned:
+      feats = feats.copy()   # numpy's integer passes are ~4x slower unaligned
+    if not fp16_all_finite(feats):
+      raise DataError(self.name, key, "img_feat holds NaN/inf")
     out = {
-        "img_feat": fp16_to_fp32(feats[:n]),
-        "img_pos_feat": box7(rec["norm_bb"][:n]),
+        "img_feat": (feats if dtype == np.float16 else fp16_to_fp32(
+            feats, out=None if img_feat_out is None else img_feat_out[:n],
+            finite=True)),
+        "img_pos_feat": box7(norm_bb[:n]),
         "img_key": key,
     }
     if self.with_soft_labels:
-      out["img_soft_labels"] = fp16_to_fp32(rec["soft_labels"][:n])
-    for field in ("img_feat", "img_soft_labels"):
-      if field in out and not _all_finite(out[field]):
-        raise DataError(self.name, key, f"{field} holds NaN/inf")
+      out["img_soft_labels"] = self._soft_labels(int(index), rec, key, n)
     if not np.isfinite(out["img_pos_feat"]).all():
       raise DataError(self.name, key, "norm_bb holds NaN/inf")
     return out
@@ -180,12 +534,15 @@ class TextSource:
                       f"but {store.name!r} was given")
     self.special = schema.special_ids(self.meta)
     self.v_range = tuple(int(v) for v in self.meta["v_range"])
-    self._source = _tfds_source(name, split, data_dir)
+    self._source = RecordReader(data_dir, name, split, schema.TEXT_ARRAYS,
+                                schema.TEXT_LISTS)
     self.max_txt_len = max_txt_len
-    records, lens, imgs = [], [], []
+    # Start-up reads every text record once (lengths, image keys); the kept
+    # records' fields are kept in flat arrays, so an example costs no read.
+    records, lens, imgs, ids, targets = [], [], [], [], []
+    tokens, labels, scores, n_labels = [], [], [], []
     too_long = 0
-    for i in range(len(self._source)):
-      rec = self._source[i]
+    for i, rec in self._source.iter_fields(_TEXT_FIELDS):
       n = len(rec["input_ids"])
       if max_txt_len >= 0 and n > max_txt_len:
         too_long += 1
@@ -195,12 +552,31 @@ class TextSource:
       if len(keys) != 1:
         raise DataError(self.name, rid, f"{len(keys)} image keys; this "
                         "pipeline joins exactly one image per text")
+      if len(rec["target_labels"]) != len(rec["target_scores"]):
+        raise DataError(self.name, rid, "target_labels and target_scores "
+                        "differ in length")
       records.append(i)
       lens.append(n + 2)
       imgs.append(store.index_of(keys[0].decode(), self.name, rid))
+      ids.append(rec["id"])
+      targets.append(rec["target"])
+      tokens.append(rec["input_ids"])
+      labels.append(rec["target_labels"])
+      scores.append(rec["target_scores"])
+      n_labels.append(len(rec["target_labels"]))
     self.records = np.asarray(records, np.int64)
     self.txt_lens = np.asarray(lens, np.int32)
     self.img_index = np.asarray(imgs, np.int64)
+    self._ids = np.asarray(ids, dtype=np.bytes_)
+    self._targets = np.asarray(targets, np.int64)
+    self._tok_off = np.concatenate([[0], np.cumsum(self.txt_lens - 2)])
+    self._tokens = (np.concatenate(tokens).astype(np.int32) if tokens
+                    else np.zeros(0, np.int32))
+    self._lab_off = np.concatenate([[0], np.cumsum(n_labels, dtype=np.int64)])
+    self._labels = (np.concatenate(labels).astype(np.int32) if labels
+                    else np.zeros(0, np.int32))
+    self._scores = (np.concatenate(scores).astype(np.float32) if scores
+                    else np.zeros(0, np.float32))
     self.dropped = {"longer_than_max_txt_len": too_long} if too_long else {}
     if too_long:
       logging.info("%s: dropped %d texts longer than max_txt_len=%d",
@@ -215,20 +591,25 @@ class TextSource:
     """Regions per kept record (after the num_bb rule)."""
     return self.store.num_bbs(self.img_index)
 
-  def example(self, i: int) -> dict[str, Any]:
-    """The joined per-example dict (batch contract) of kept record `i`."""
-    rec = self._source[int(self.records[i])]
-    ids = np.asarray(rec["input_ids"], np.int32)
-    out = {
-        "input_ids": np.concatenate([[self.special["CLS"]], ids,
-                                     [self.special["SEP"]]]).astype(np.int32),
-        "_id": rec["id"].decode(),
-        "_index": int(i),
-    }
-    if int(rec["target"]) != schema.NO_TARGET:
-      out["targets"] = np.int32(rec["target"])
-    if len(rec["target_labels"]):
-      out["_target_labels"] = np.asarray(rec["target_labels"], np.int32)
-      out["_target_scores"] = np.asarray(rec["target_scores"], np.float32)
-    out.update(self.store.load(int(self.img_index[i])))
+  def example(self, i: int, img_feat_dtype: Any = None,
+              img_feat_out: np.ndarray | None = None) -> dict[str, Any]:
+    """The joined per-example dict (batch contract) of kept record `i`.
+
+    `img_feat_dtype`, `img_feat_out`: see `ImageStore.load`.
+    """
+    i = int(i)
+    a, b = self._tok_off[i], self._tok_off[i + 1]
+    ids = np.empty(b - a + 2, np.int32)
+    ids[0] = self.special["CLS"]
+    ids[1:-1] = self._tokens[a:b]
+    ids[-1] = self.special["SEP"]
+    out = {"input_ids": ids, "_id": self._ids[i].decode(), "_index": i}
+    if self._targets[i] != schema.NO_TARGET:
+      out["targets"] = np.int32(self._targets[i])
+    a, b = self._lab_off[i], self._lab_off[i + 1]
+    if b > a:
+      out["_target_labels"] = self._labels[a:b].copy()
+      out["_target_scores"] = self._scores[a:b].copy()
+    out.update(self.store.load(int(self.img_index[i]), img_feat_dtype,
+                               img_feat_out))
     return out
