@@ -76,7 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Global batch sizes are multiples of this and of the data-parallel
   # device count (0: the device count alone).
   c.data.batch_multiple = 0
-  c.data.max_buckets = 16
+  c.data.max_buckets = 32       # <=10% padding on dynamic 10..100 regions
   c.data.target_padding = 0.10
   c.data.num_threads = 2
   c.data.prefetch = 4
@@ -138,7 +138,7 @@ def base_config() -> ml_collections.ConfigDict:
 def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Shrinks a config to a smoke run on the synthetic corpus (any machine)."""
   c.model.update(model_config.tiny().to_dict())
-  c.model.vocab_size = 64
+  c.model.vocab_size = -1   # the synthetic corpus vocabulary
   c.model.max_position_embeddings = 64
   c.model.dtype = "float32"
   c.init_checkpoint = ""

@@ -20,30 +20,33 @@ def get_config(arg=None):
   c = common.base_config()
   c.model.update(dict(hidden_size=128, num_hidden_layers=2,
                       num_attention_heads=4, intermediate_size=256,
-                      max_position_embeddings=64, hidden_dropout_prob=0.1,
-                      attention_probs_dropout_prob=0.1))
+                      max_position_embeddings=64,
+                      # No dropout: a small model on a small corpus learns
+                      # image-text matching sooner without it.
+                      hidden_dropout_prob=0.0,
+                      attention_probs_dropout_prob=0.0))
   c.model.vocab_size = -1        # the synthetic corpus' own vocabulary
   c.model.dtype = "float32"
-  c.data.synthetic = "default"
+  c.data.synthetic = "demo"
   c.data.data_dir = "/tmp/uniter_jax_data"
   c.data.max_buckets = 1         # one static shape: fewest compiles on a CPU
-  c.data.min_bb = 10
+  c.data.min_bb = 6
   c.data.num_threads = 1
-  text = "uniter_synthetic_text/default:1.0.0"
+  text = "uniter_synthetic_text/demo:1.0.0"
   c.datasets.synthetic = common.dataset(text, tasks=("itm", "mlm", "mrfr",
                                                      "mrckl"),
-                                        mix_ratio=(3, 2, 1, 1))
+                                        mix_ratio=(10, 2, 1, 1))
   c.train.token_budget = 2048
   c.train.gradient_accumulation_steps = 1
   c.train.learning_rate = 3e-4
-  c.train.warmup_steps = 50
-  c.train.num_train_steps = 600
+  c.train.warmup_steps = 100
+  c.train.num_train_steps = 2500
   c.train.grad_norm = 5.0
   c.log_every_steps = 25
-  c.eval.every_steps = 200
+  c.eval.every_steps = 500
   c.eval.max_batches = 8
   c.eval.retrieval_images = 50
-  c.checkpoint.every_steps = 200
+  c.checkpoint.every_steps = 500
   c.checkpoint.keep = 2
   if arg == "runlocal":
     c.data.synthetic = "tiny"

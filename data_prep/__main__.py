@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     return s
 
   s = add("synthetic", "synthetic corpus (images, then text)", manual=False)
-  s.add_argument("--preset", default="default", choices=["default", "tiny"])
+  s.add_argument("--preset", default="default", choices=["default", "tiny", "demo"])
   for f in _SYNTH_INT_FIELDS:
     s.add_argument(f"--{f}", type=int, default=None)
   s.add_argument("--noise", type=float, default=None)
@@ -89,8 +89,7 @@ def _builders(args) -> list:
   from data_prep import butd, synthetic, uniter_db  # pylint: disable=g-import-not-at-top
   kw = {"data_dir": args.data_dir}
   if args.source == "synthetic":
-    preset = {"default": synthetic.DEFAULT_CONFIG,
-              "tiny": synthetic.TINY_CONFIG}[args.preset]
+    preset = synthetic.PRESETS[args.preset]
     over = {f: getattr(args, f) for f in _SYNTH_INT_FIELDS + ("noise",)
             if getattr(args, f) is not None}
     if over and not args.name:

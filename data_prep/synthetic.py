@@ -74,9 +74,17 @@ class SyntheticConfig(tfds.core.BuilderConfig):
 
 DEFAULT_CONFIG = SyntheticConfig(name="default",
                                  description="512 train / 128 val images.")
+# The demo's corpus: fewer classes, fewer and cleaner regions, so that a
+# small model learns image-text matching from scratch in minutes on a CPU.
+DEMO_CONFIG = SyntheticConfig(name="demo", num_classes=8, max_objects=3,
+                              min_regions=6, max_regions=12, noise=0.3,
+                              description="512 train / 128 val images, 8 "
+                              "classes, 6-12 regions (the CPU demo).")
+PRESETS = {}  # filled below
 TINY_CONFIG = SyntheticConfig(name="tiny", num_train_images=24,
                               num_val_images=8, captions_per_image=3,
                               description="For tests and smoke runs.")
+PRESETS.update(default=DEFAULT_CONFIG, tiny=TINY_CONFIG, demo=DEMO_CONFIG)
 
 
 def _check_config(cfg: SyntheticConfig) -> None:
@@ -274,7 +282,7 @@ def _text_meta(cfg: SyntheticConfig) -> dict[str, Any]:
 class UniterSyntheticImages(common.ImageStoreBuilder):
   """Image store of the synthetic corpus (train and val images together)."""
 
-  BUILDER_CONFIGS = [DEFAULT_CONFIG, TINY_CONFIG]
+  BUILDER_CONFIGS = [DEFAULT_CONFIG, TINY_CONFIG, DEMO_CONFIG]
   SOURCE = "synthetic"
 
   def _image_meta(self):
@@ -298,7 +306,7 @@ class UniterSyntheticImages(common.ImageStoreBuilder):
 class UniterSyntheticText(common.TextBuilder):
   """Captions of the synthetic corpus: splits `train` and `val`."""
 
-  BUILDER_CONFIGS = [DEFAULT_CONFIG, TINY_CONFIG]
+  BUILDER_CONFIGS = [DEFAULT_CONFIG, TINY_CONFIG, DEMO_CONFIG]
   SOURCE = "synthetic"
 
   def _text_meta(self, dl_manager):

@@ -32,11 +32,10 @@ def maybe_build_synthetic(config) -> None:
   from data_prep import common
   from data_prep import synthetic
   # pylint: enable=g-import-not-at-top
-  cfg = {"default": synthetic.DEFAULT_CONFIG,
-         "tiny": synthetic.TINY_CONFIG}.get(preset)
+  cfg = synthetic.PRESETS.get(preset)
   if cfg is None:
-    raise ValueError(f"config.data.synthetic={preset!r}; expected '', "
-                     "'default' or 'tiny'")
+    raise ValueError(f"config.data.synthetic={preset!r}; expected '' or one "
+                     f"of {sorted(synthetic.PRESETS)}")
   d = data_dir(config)
   for cls in (synthetic.UniterSyntheticImages, synthetic.UniterSyntheticText):
     builder = cls(config=cfg, data_dir=d)
