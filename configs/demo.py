@@ -49,6 +49,7 @@ def get_config(arg=None):
   c.checkpoint.every_steps = 500
   c.checkpoint.keep = 2
   if arg == "runlocal":
+    c.mesh.data = 1   # the tiny corpus fills no batch spread over many devices
     c.data.synthetic = "tiny"
     c.datasets.synthetic.text = c.datasets.synthetic.val_text = (
         "uniter_synthetic_text/tiny:1.0.0")

@@ -208,7 +208,7 @@ def test_two_processes_train_together(tmp_path):
             "--config.eval.retrieval_images=0",
             "--config.datasets.synthetic.tasks=('mlm','itm')",
             "--config.datasets.synthetic.mix_ratio=(1,1)",
-            "--config.train.sum_grads=False"]
+            "--config.train.sum_grads=False", "--config.train.token_budget=256"]
   # Build the data once so both processes find it.
   input_lib.maybe_build_synthetic(tiny_config())
   procs = []

@@ -161,8 +161,9 @@ def _maybe_init_distributed(config) -> None:
     kwargs["num_processes"] = d.num_processes
   if d.process_id >= 0:
     kwargs["process_id"] = d.process_id
-  if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS") == "cpu":
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  # Cross-process collectives of the CPU backend (harmless on GPU/TPU). Must
+  # not touch the backend before initialize().
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(**kwargs)
 
 
@@ -345,7 +346,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     progress.close()
     writer.close()
     ckpt.close()
-    params = _host(state.params) if step >= total_micro else None
+    # The converter-format export is written by one process with orbax's
+    # single-host path; multi-process runs keep only the checkpoints.
+    params = (_host(state.params)
+              if step >= total_micro and jax.process_count() == 1 else None)
+    if step >= total_micro and jax.process_count() > 1 and is_main:
+      logging.warning("multi-process run: export_flax/ and plots are not "
+                      "written; the final state is in %s", ckpt.directory)
 
   # ------------------------------------------------------ export and plots
   if params is not None and is_main:
