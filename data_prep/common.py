@@ -92,6 +92,11 @@ class _Counting:
   def code_path(cls) -> epath.Path:
     return epath.Path(inspect.getfile(cls))
 
+  def __init__(self, **kwargs):
+    kwargs.setdefault("file_format", ARRAY_RECORD)
+    super().__init__(**kwargs)
+    self._reset_counts()
+
   def _download_and_prepare(self, dl_manager, download_config=None):
     # Both `common.build` and `tfds build` (data_prep.tfds_build) get here.
     with _array_record_options():
@@ -116,11 +121,6 @@ class ImageStoreBuilder(_Counting, tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version("1.0.0")
   SOURCE = "?"
-
-  def __init__(self, **kwargs):
-    kwargs.setdefault("file_format", ARRAY_RECORD)
-    super().__init__(**kwargs)
-    self._reset_counts()
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
@@ -255,11 +255,6 @@ class TextBuilder(_Counting, tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version("1.0.0")
   SOURCE = "?"
-
-  def __init__(self, **kwargs):
-    kwargs.setdefault("file_format", ARRAY_RECORD)
-    super().__init__(**kwargs)
-    self._reset_counts()
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(

@@ -69,7 +69,6 @@ def test_task_draws_follow_the_mix_and_are_reproducible():
 
 
 def test_schedule_and_no_decay_set_follow_the_official_code():
-  c = _get("pretrain_indomain_base").train
   lr = optim.warmup_linear(1e-4, 10, 100)
   assert float(lr(0)) == pytest.approx(1e-5)      # step 1 of warmup 10
   assert float(lr(9)) == pytest.approx(1e-4 * 90 / 90)
