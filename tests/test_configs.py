@@ -56,6 +56,9 @@ def test_official_values():
   assert vcr.model_task == "pretrain-vcr" and vcr.train.grad_norm < 0
   assert vcr.datasets.vcr.mix_ratio == (10, 1, 1)
   assert "itm" not in vcr.datasets.vcr.tasks
+  for name in SETUPS[:-1]:   # the official setups weight every task 1.0
+    for arg in (None, "large") if name == "pretrain_vcr_base" else (None,):
+      assert set(_get(name, arg).train.loss_weights.values()) == {1.0}
 
 
 def test_task_draws_follow_the_mix_and_are_reproducible():

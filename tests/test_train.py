@@ -174,6 +174,48 @@ def test_nan_in_a_batch_stops_the_run(tmp_path, monkeypatch):
   assert all(np.isfinite(v).all() for v in params.values())
 
 
+def test_loss_weights_scale_the_task_gradient(tmp_path):
+  def first_row(weight, name):
+    c = tiny_config(steps=1, tasks=("mlm",))
+    c.train.loss_weights.mlm = weight
+    trainer.train_and_evaluate(c, str(tmp_path / name))
+    return [r for r in metrics_lib.read_metrics(str(tmp_path / name))
+            if "train/loss" in r][0]
+
+  full, quarter = first_row(1.0, "full"), first_row(0.25, "quarter")
+  # The same first batch and params: the reported loss is unweighted, the
+  # gradient (before clipping) is the weighted loss's.
+  assert quarter["train/loss"] == pytest.approx(full["train/loss"], rel=1e-6)
+  assert quarter["train/mlm/l2_grads"] == pytest.approx(
+      0.25 * full["train/mlm/l2_grads"], rel=1e-5)
+
+
+def test_a_stale_synthetic_corpus_is_refused(tmp_path):
+  from data_prep import schema  # pylint: disable=g-import-not-at-top
+  c = tiny_config()
+  c.data.data_dir = str(tmp_path)
+  input_lib.maybe_build_synthetic(c)
+  input_lib.maybe_build_synthetic(c)   # the same preset: accepted as built
+  # As if an older release had built preset "tiny" with other settings.
+  d = schema.builder_dir(str(tmp_path), "uniter_synthetic_images/tiny:1.0.0")
+  path = os.path.join(d, schema.META_FILE)
+  with open(path) as f:
+    meta = json.load(f)
+  meta["config"]["noise"] = 0.9
+  with open(path, "w") as f:
+    json.dump(meta, f)
+  with pytest.raises(ValueError, match="preset 'tiny' built with .*delete"):
+    input_lib.maybe_build_synthetic(c)
+
+
+def test_loss_weights_reject_unknown_tasks():
+  c = tiny_config()
+  c.lock()   # as run.py locks it
+  with pytest.raises(AttributeError):
+    c.train.loss_weights.mml = 0.5
+  c.train.loss_weights.mlm = 0.5
+
+
 @pytest.mark.parametrize("mesh", [dict(data=8), dict(data=2, fsdp=4)])
 def test_sharded_training_matches_one_device(tmp_path, mesh):
   assert len(jax.devices()) >= 8

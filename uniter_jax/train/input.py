@@ -30,6 +30,7 @@ def maybe_build_synthetic(config) -> None:
     return
   # pylint: disable=g-import-not-at-top
   from data_prep import common
+  from data_prep import schema
   from data_prep import synthetic
   # pylint: enable=g-import-not-at-top
   cfg = synthetic.PRESETS.get(preset)
@@ -37,12 +38,26 @@ def maybe_build_synthetic(config) -> None:
     raise ValueError(f"config.data.synthetic={preset!r}; expected '' or one "
                      f"of {sorted(synthetic.PRESETS)}")
   d = data_dir(config)
+  want = synthetic.config_dict(cfg)
   for cls in (synthetic.UniterSyntheticImages, synthetic.UniterSyntheticText):
     builder = cls(config=cfg, data_dir=d)
     if not os.path.exists(os.path.join(builder.data_dir,
                                        "dataset_info.json")):
       logging.info("building %s into %s", cls.__name__, d)
       common.build(builder)
+      continue
+    # A corpus built by an older release under the same preset name would
+    # silently train on other data; refuse it instead.
+    have = schema.read_meta(builder.data_dir).get("config") or {}
+    # Fields added after a build was written hold their default there.
+    have = {**synthetic.config_dict(synthetic.SyntheticConfig(name=preset)),
+            **have}
+    if have != want:
+      raise ValueError(
+          f"{builder.data_dir} holds synthetic preset {preset!r} built with "
+          f"{have}, but the preset is now {want}; delete that directory (it "
+          f"is rebuilt on the next run) or set config.data.data_dir to "
+          f"another place")
 
 
 def task_keys(config) -> list[tuple[str, str, str]]:

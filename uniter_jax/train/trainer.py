@@ -58,6 +58,10 @@ def _train_step(state: TrainState, batch, *, model, tx, task: str,
                 grad_scale: float):
   """One micro-step: gradients of `task`'s loss, then the optax update.
 
+  The gradient is taken of `loss * grad_scale`, where `grad_scale` holds the
+  official summed-gradient scale and the task's `config.train.loss_weights`
+  entry; the reported `loss` is unscaled.
+
   A non-finite loss or gradient leaves params and optimizer state as they
   were and records the step in `bad_step`; the host checks it at log and
   checkpoint steps, so no host sync happens here.
@@ -248,8 +252,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     grad_scale = float(n_batch) if tcfg.sum_grads else 1.0
     rep = sharding.replicated(mesh)
     train_steps = {
-        t: jax.jit(functools.partial(_train_step, model=model, tx=tx, task=t,
-                                     grad_scale=grad_scale),
+        t: jax.jit(functools.partial(
+            _train_step, model=model, tx=tx, task=t,
+            grad_scale=grad_scale * float(tcfg.loss_weights[t])),
                    out_shardings=(state_sh, rep), donate_argnums=(0,))
         for t in {k.split("_", 1)[0] for k in pool}}
     eval_steps = {}
