@@ -2,6 +2,7 @@
 
     python benchmarks/bench_wra.py            # timings, B=32 Lt=60 Li=36 H=768
     python benchmarks/bench_wra.py --study    # epsilon / iteration table
+    python benchmarks/bench_wra.py --matmuls  # the cost's three matmuls alone
 
 Timings (one process, interleaved rounds, medians): the WRA loss
 ``wra_loss(wra_distance(txt, img))`` and its gradient w.r.t. both inputs for
@@ -207,14 +208,60 @@ def study():
               f"finite {np.isfinite(gv).all()}")
 
 
+def matmuls(rounds):
+  """The three batched matmuls every WRA method pays, XLA vs torch.
+
+  Forward similarity ``x y^T`` and the two backward products ``P y`` and
+  ``P^T x`` (fp32, B=32, Lt=60, Li=36, H=768), as one jitted function and as
+  three ``torch.bmm`` calls with 1 and 2 threads.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  r = np.random.default_rng(0)
+  x = r.standard_normal((B, LT, H)).astype(np.float32)
+  y = r.standard_normal((B, LI, H)).astype(np.float32)
+  p = r.random((B, LT, LI)).astype(np.float32)
+
+  @jax.jit
+  def three(x, y, p):
+    return (jnp.einsum("bmh,bnh->bmn", x, y),
+            jnp.einsum("bmn,bnh->bmh", p, y),
+            jnp.einsum("bmn,bmh->bnh", p, x))
+
+  xj, yj, pj = (jnp.asarray(a) for a in (x, y, p))
+  tx, ty, tp = (torch.from_numpy(a) for a in (x, y, p))
+
+  def torch_three(threads):
+    def f():
+      torch.set_num_threads(threads)
+      return (torch.bmm(tx, ty.transpose(1, 2)), torch.bmm(tp, ty),
+              torch.bmm(tp.transpose(1, 2), tx))
+    return f
+
+  fns = {"XLA (jit), 3 batched matmuls": lambda: jax.block_until_ready(
+      three(xj, yj, pj)),
+         "torch.bmm x3, 1 thread": torch_three(1),
+         "torch.bmm x3, 2 threads": torch_three(2)}
+  med, best = _time_interleaved(fns, rounds)
+  flop = 3 * 2 * B * LT * LI * H
+  print(f"cost matmuls, B={B} Lt={LT} Li={LI} H={H} fp32 ({flop / 1e6:.0f} "
+        f"MFLOP); median (min) of {rounds} interleaved rounds")
+  for k in fns:
+    print(f"  {k:32s} {med[k]:6.2f} ms ({best[k]:6.2f})  "
+          f"{flop / med[k] / 1e6:6.1f} GFLOP/s")
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--study", action="store_true",
                       help="print the epsilon/iteration study instead")
+  parser.add_argument("--matmuls", action="store_true",
+                      help="time only the cost's three matmuls, XLA vs torch")
   parser.add_argument("--rounds", type=int, default=20)
   args = parser.parse_args()
   if args.study:
     study()
+  elif args.matmuls:
+    matmuls(args.rounds)
   else:
     timings(args.rounds)
 
