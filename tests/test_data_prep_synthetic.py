@@ -141,6 +141,28 @@ def test_captions_name_the_objects(tiny):
   assert not keys["train"] & keys["val"]
 
 
+def _colour_and_class_counts(cfg, images):
+  n_col = n_cls = 0
+  for idx in images:
+    for text in synthetic.captions(cfg, idx):
+      words = text.split()
+      n_col += sum(w in synthetic.COLOURS for w in words)
+      n_cls += sum(w in synthetic.CLASSES for w in words)
+  return n_col, n_cls
+
+
+def test_colour_prob():
+  # Every preset but the demo names every colour (and keeps its captions).
+  n_col, n_cls = _colour_and_class_counts(synthetic.DEFAULT_CONFIG, range(50))
+  assert n_col == n_cls > 0
+  # The demo names each object, and its colour about half the time.
+  demo = synthetic.PRESETS["demo"]
+  assert demo.colour_prob == 0.5
+  n_col, n_cls = _colour_and_class_counts(demo, range(200))
+  assert 0.45 < n_col / n_cls < 0.55
+  assert synthetic.captions(demo, 7) == synthetic.captions(demo, 7)
+
+
 def test_vocab_and_meta(tiny, tmp_path):
   d, _, txt = tiny
   meta = schema.read_meta(schema.builder_dir(
