@@ -16,17 +16,22 @@ TEXT = "uniter_synthetic_text/pipetest:1.0.0"
 IMAGES = "uniter_synthetic_images/pipetest:1.0.0"
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
+def _build_corpus(d, name):
+  """The test corpus (40 train / 8 val images, 10-60 regions) as `name`."""
   from data_prep import common, synthetic  # pylint: disable=g-import-not-at-top
-  d = str(tmp_path_factory.mktemp("tfds"))
-  cfg = dataclasses.replace(synthetic.TINY_CONFIG, name="pipetest",
+  cfg = dataclasses.replace(synthetic.TINY_CONFIG, name=name,
                             num_train_images=40, num_val_images=8,
                             captions_per_image=3, min_regions=10,
                             max_regions=60)
   for builder in (synthetic.UniterSyntheticImages,
                   synthetic.UniterSyntheticText):
     common.build(builder(config=cfg, data_dir=d))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  d = str(tmp_path_factory.mktemp("tfds"))
+  _build_corpus(d, "pipetest")
   return d
 
 
@@ -556,15 +561,9 @@ def test_default_buckets_reach_target_padding():
 def test_compressed_datasets_read_through_slow_path(data_dir, monkeypatch):
   """A store written with TFDS's default (brotli) ArrayRecord options is read
   through array_record + protobuf and gives the very same batches."""
-  from data_prep import common, synthetic  # pylint: disable=g-import-not-at-top
+  from data_prep import common  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(common, "ARRAY_RECORD_OPTIONS", "group_size:1")
-  cfg = dataclasses.replace(synthetic.TINY_CONFIG, name="pipebrotli",
-                            num_train_images=40, num_val_images=8,
-                            captions_per_image=3, min_regions=10,
-                            max_regions=60)
-  for builder in (synthetic.UniterSyntheticImages,
-                  synthetic.UniterSyntheticText):
-    common.build(builder(config=cfg, data_dir=data_dir))
+  _build_corpus(data_dir, "pipebrotli")
   slow_text = "uniter_synthetic_text/pipebrotli:1.0.0"
   slow = pipeline.UniterData(
       data_dir, slow_text, "train", token_budget=1024, batch_multiple=4,
