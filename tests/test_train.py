@@ -201,6 +201,11 @@ def test_a_stale_synthetic_corpus_is_refused(tmp_path):
   path = os.path.join(d, schema.META_FILE)
   with open(path) as f:
     meta = json.load(f)
+  # A build from before `colour_prob` existed: read as its default, accepted.
+  del meta["config"]["colour_prob"]
+  with open(path, "w") as f:
+    json.dump(meta, f)
+  input_lib.maybe_build_synthetic(c)
   meta["config"]["noise"] = 0.9
   with open(path, "w") as f:
     json.dump(meta, f)
