@@ -190,6 +190,28 @@ def test_loss_weights_scale_the_task_gradient(tmp_path):
       0.25 * full["train/mlm/l2_grads"], rel=1e-5)
 
 
+def test_two_runs_build_one_synthetic_corpus_together(tmp_path):
+  # Both processes ask for the corpus at once; one builds it, the other
+  # waits for the build lock and then accepts that build.
+  code = ("import sys; sys.path.insert(0, {root!r}); "
+          "from configs import demo; from uniter_jax.train import input as i; "
+          "c = demo.get_config('runlocal'); c.data.data_dir = {d!r}; "
+          "i.maybe_build_synthetic(c); print('ready')").format(
+              root=ROOT, d=str(tmp_path))
+  procs = [subprocess.Popen([sys.executable, "-c", code], env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for _ in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+    assert out.strip().endswith("ready")
+  c = tiny_config()
+  c.data.data_dir = str(tmp_path)
+  ds = input_lib.make_datasets(c, split_field="split", text_field="text",
+                               token_budget=256, batch_multiple=1, seed=0)
+  assert ds["mlm_synthetic"].load_batch(0)["input_ids"].shape[0] > 0
+
+
 def test_a_stale_synthetic_corpus_is_refused(tmp_path):
   from data_prep import schema  # pylint: disable=g-import-not-at-top
   c = tiny_config()

@@ -8,6 +8,8 @@ same sequence.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 from typing import Any
@@ -28,16 +30,38 @@ def maybe_build_synthetic(config) -> None:
   preset = config.data.synthetic
   if not preset:
     return
-  # pylint: disable=g-import-not-at-top
-  from data_prep import common
-  from data_prep import schema
-  from data_prep import synthetic
-  # pylint: enable=g-import-not-at-top
+  from data_prep import synthetic  # pylint: disable=g-import-not-at-top
   cfg = synthetic.PRESETS.get(preset)
   if cfg is None:
     raise ValueError(f"config.data.synthetic={preset!r}; expected '' or one "
                      f"of {sorted(synthetic.PRESETS)}")
   d = data_dir(config)
+  # Two runs started together on one data_dir (a sweep, two terminals) would
+  # both build and the second would fail on TFDS's final rename; the lock
+  # makes the second wait and then find the first one's build.
+  os.makedirs(d, exist_ok=True)
+  with _file_lock(os.path.join(d, ".synthetic_build.lock")):
+    _build_or_check(cfg, d)
+
+
+@contextlib.contextmanager
+def _file_lock(path: str):
+  with open(path, "a", encoding="utf-8") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build_or_check(cfg, d: str) -> None:
+  """Builds preset `cfg` into `d`, or checks that the build there is it."""
+  # pylint: disable=g-import-not-at-top
+  from data_prep import common
+  from data_prep import schema
+  from data_prep import synthetic
+  # pylint: enable=g-import-not-at-top
+  preset = cfg.name
   want = synthetic.config_dict(cfg)
   for cls in (synthetic.UniterSyntheticImages, synthetic.UniterSyntheticText):
     builder = cls(config=cfg, data_dir=d)
