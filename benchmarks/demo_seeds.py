@@ -21,7 +21,6 @@ any other existing directory there is an error.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -29,6 +28,11 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+from uniter_jax.train import metrics as metrics_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 MARKER = ".demo_seeds"
 ITM = "val/itm_synthetic/itm_acc"
 MLM = "val/mlm_synthetic/mlm_acc"
@@ -47,27 +51,17 @@ def _fresh_workdir(path: str) -> None:
     f.write("made by benchmarks/demo_seeds.py\n")
 
 
-def _evaluations(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  with open(path, encoding="utf-8") as f:
-    rows = [json.loads(line) for line in f if line.strip()]
-  return [r for r in rows if ITM in r]
-
-
-def run_seed(seed: int, out: str, config: str, extra: list[str],
-             log_dir: str) -> dict:
+def run_seed(seed: int, out: str, config: str, extra: list[str]) -> dict:
   workdir = os.path.join(out, f"seed_{seed}")
   _fresh_workdir(workdir)
   cmd = [sys.executable, os.path.join(ROOT, "run.py"), "--config", config,
          "--workdir", workdir, f"--config.seed={seed}", *extra]
-  log = os.path.join(log_dir, f"seed_{seed}.log")
+  log = os.path.join(out, f"seed_{seed}.log")
   t0 = time.perf_counter()
   with open(log, "w", encoding="utf-8") as f:
     rc = subprocess.call(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
   wall = time.perf_counter() - t0
-  evals = _evaluations(workdir)
+  evals = [r for r in metrics_lib.read_metrics(workdir) if ITM in r]
   if rc != 0 or not evals:
     return {"seed": seed, "failed": f"exit {rc}, see {log}", "wall": wall}
   escape = next((r["step"] for r in evals if r[ITM] >= ESCAPE_ITM), None)
@@ -95,7 +89,7 @@ def main():
   print(f"config {args.config} {' '.join(extra)}".rstrip(), flush=True)
   results = []
   for seed in args.seeds:
-    r = run_seed(seed, args.out, args.config, extra, args.out)
+    r = run_seed(seed, args.out, args.config, extra)
     results.append(r)
     if "failed" in r:
       print(f"seed {seed}: FAILED ({r['failed']})", flush=True)
