@@ -84,7 +84,7 @@ def test_scan_and_loop_layers_give_same_outputs(task):
   cfg = um.config.tiny()
   net = um.build_model(task, cfg)
   params = um.init_params(net, jax.random.key(0))
-  rows = um.task_spec(task).rows_per_example
+  rows = um.head_spec(task).rows_per_example
   batch, _, _ = _batch(net.cfg, 0, rows=rows)
   ref = net.apply({"params": params}, batch)
   scfg = um.config.tiny()

@@ -76,7 +76,7 @@ def main(argv=None) -> int:
                               description=__doc__,
                               formatter_class=argparse.RawTextHelpFormatter)
   sub = p.add_subparsers(dest="cmd", required=True)
-  tasks = sorted(um.TASKS)
+  tasks = sorted(um.HEADS)
 
   a = sub.add_parser("to-flax", help="official .pt -> Flax directory")
   a.add_argument("--task", required=True, choices=tasks)

@@ -92,7 +92,7 @@ def expected_torch_shapes(task: str, model_config=None,
     key, transpose = names.flax_to_torch(path)
     out[key] = tuple(reversed(shape)) if transpose else shape
   for tied, src in names.TIED_KEYS.items():
-    if src in out and um.task_spec(task).head is um.UniterForPretraining:
+    if src in out and um.head_spec(task).head is um.UniterForPretraining:
       out[tied] = out[src]
   return out
 
@@ -151,7 +151,7 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], task: str,
   Args:
     state_dict: key -> array, official key names (LayerNorm `gamma`/`beta`
       accepted, as the official `from_pretrained` renames them).
-    task: a key of `uniter_jax.model.TASKS`.
+    task: a key of `uniter_jax.model.HEADS`.
     model_config: official model config (dict/ConfigDict/JSON path);
       UNITER-base when None. The number of heads cannot be read from
       shapes, so it comes from here.
@@ -237,7 +237,7 @@ def flax_to_torch(params: Mapping, task: str, model_config=None, *,
     v = np.asarray(v)
     sd[key] = np.ascontiguousarray(v.T if transpose else v).astype(dtype)
   for tied, src in names.TIED_KEYS.items():
-    if src in sd and um.task_spec(task).head is um.UniterForPretraining:
+    if src in sd and um.head_spec(task).head is um.UniterForPretraining:
       sd[tied] = sd[src]
   return sd
 
@@ -394,7 +394,7 @@ def load_checkpoint(path: str | os.PathLike[str], task: str, *,
   Args:
     path: `.pt`/`.bin`/`.safetensors` file, or a directory written by
       `save_flax` / `python -m uniter_jax.convert to-flax`.
-    task: the task the checkpoint is for (a key of TASKS); a converted dir
+    task: the task the checkpoint is for (a key of `uniter_jax.model.HEADS`); a converted dir
       must have been converted for this task.
     model_config: official JSON model config for a state_dict file (base
       when None); ignored for a converted dir, which records its own.

@@ -1,4 +1,9 @@
-"""UNITER models: the encoder, every head, and a task registry.
+"""UNITER models: the encoder, every head, and the registry of heads.
+
+A *head* is a model class plus the encoder changes it needs (type table,
+extra words); `HEADS` maps its name (the `--task` of the converter and the
+`task` argument of `load_checkpoint`) to it. Training objectives are tasks
+(`uniter_jax.tasks`), which name the head they train.
 
     from uniter_jax import model as um
     cfg = um.config.base()
@@ -32,8 +37,8 @@ from uniter_jax.model.pretrain import UniterForPretraining
 
 
 @dataclasses.dataclass(frozen=True)
-class TaskSpec:
-  """How a task changes the encoder config and which head it uses."""
+class HeadSpec:
+  """A head's model class and how it changes the encoder config."""
   head: Callable[..., nn.Module]
   type_vocab_size: int = 2
   extra_vocab: int = 0
@@ -41,33 +46,33 @@ class TaskSpec:
   rows_per_example: int = 1
 
 
-TASKS: dict[str, TaskSpec] = {
-    "pretrain": TaskSpec(UniterForPretraining),
-    "vqa": TaskSpec(UniterForVisualQuestionAnswering),
-    "ve": TaskSpec(UniterForVisualEntailment),
-    "itm": TaskSpec(UniterForImageTextRetrieval),
-    "nlvr2-paired": TaskSpec(UniterForNlvr2Paired, type_vocab_size=3,
+HEADS: dict[str, HeadSpec] = {
+    "pretrain": HeadSpec(UniterForPretraining),
+    "vqa": HeadSpec(UniterForVisualQuestionAnswering),
+    "ve": HeadSpec(UniterForVisualEntailment),
+    "itm": HeadSpec(UniterForImageTextRetrieval),
+    "nlvr2-paired": HeadSpec(UniterForNlvr2Paired, type_vocab_size=3,
                              rows_per_example=2),
-    "nlvr2-triplet": TaskSpec(UniterForNlvr2Triplet, type_vocab_size=3),
-    "nlvr2-attn": TaskSpec(UniterForNlvr2PairedAttn, type_vocab_size=3,
+    "nlvr2-triplet": HeadSpec(UniterForNlvr2Triplet, type_vocab_size=3),
+    "nlvr2-attn": HeadSpec(UniterForNlvr2PairedAttn, type_vocab_size=3,
                            rows_per_example=2),
-    "re": TaskSpec(UniterForReferringExpressionComprehension),
-    "vcr": TaskSpec(UniterForVisualCommonsenseReasoning, type_vocab_size=4,
+    "re": HeadSpec(UniterForReferringExpressionComprehension),
+    "vcr": HeadSpec(UniterForVisualCommonsenseReasoning, type_vocab_size=4,
                     extra_vocab=config.VCR_NUM_SPECIAL_TOKENS),
     # Second-stage VCR pretraining: the pretraining heads on the VCR
     # vocabulary and type table.
-    "pretrain-vcr": TaskSpec(UniterForPretraining, type_vocab_size=4,
+    "pretrain-vcr": HeadSpec(UniterForPretraining, type_vocab_size=4,
                              extra_vocab=config.VCR_NUM_SPECIAL_TOKENS),
 }
 
 
-def task_spec(task: str) -> TaskSpec:
-  if task not in TASKS:
-    raise ValueError(f"unknown task {task!r}; expected one of {sorted(TASKS)}")
-  return TASKS[task]
+def head_spec(task: str) -> HeadSpec:
+  if task not in HEADS:
+    raise ValueError(f"unknown head {task!r}; expected one of {sorted(HEADS)}")
+  return HEADS[task]
 
 
-def task_config(task: str, cfg) -> ml_collections.FrozenConfigDict:
+def head_config(task: str, cfg) -> ml_collections.FrozenConfigDict:
   """The encoder config of `task` built from a base model config.
 
   `cfg` is the official model config (`uniter-base.json` layout, 2 types,
@@ -75,7 +80,7 @@ def task_config(task: str, cfg) -> ml_collections.FrozenConfigDict:
   plus 81 extra words, as the official `init_type_embedding` /
   `init_word_embedding` do.
   """
-  spec = task_spec(task)
+  spec = head_spec(task)
   d = dict(cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict)
            else cfg)
   d["type_vocab_size"] = max(d.get("type_vocab_size", 2),
@@ -86,24 +91,24 @@ def task_config(task: str, cfg) -> ml_collections.FrozenConfigDict:
 
 def build_model(task: str, cfg, *, task_cfg_ready: bool = False,
                 **head_kwargs: Any) -> nn.Module:
-  """The Flax module for `task` (see TASKS).
+  """The Flax module for `task` (see HEADS).
 
   Args:
-    task: a key of TASKS.
+    task: a key of HEADS.
     cfg: the base model config (ConfigDict or dict); adjusted for the task
       unless `task_cfg_ready` says it already is.
     **head_kwargs: head options, e.g. num_answer for vqa, mlp for re.
   """
-  spec = task_spec(task)
+  spec = head_spec(task)
   tcfg = (encoder.freeze_config(cfg) if task_cfg_ready
-          else task_config(task, cfg))
+          else head_config(task, cfg))
   return spec.head(tcfg, **head_kwargs)
 
 
 def dummy_batch(cfg, task: str = "pretrain", batch_size: int = 2,
                 txt_len: int = 8, num_regions: int = 4) -> dict[str, Any]:
   """A well-formed batch of the right shapes, e.g. for `init` or eval_shape."""
-  b = batch_size * task_spec(task).rows_per_example
+  b = batch_size * head_spec(task).rows_per_example
   return {
       "input_ids": jnp.ones((b, txt_len), jnp.int32),
       "position_ids": jnp.broadcast_to(
@@ -118,7 +123,7 @@ def init_params(model: nn.Module, rng: jax.Array, batch=None,
                 unbox: bool = True):
   """Initialises all parameters of `model` (every head included)."""
   if batch is None:
-    task = next((k for k, v in TASKS.items() if isinstance(model, v.head)),
+    task = next((k for k, v in HEADS.items() if isinstance(model, v.head)),
                 "pretrain")
     batch = dummy_batch(model.cfg, task)
   variables = model.init({"params": rng, "dropout": rng}, batch)
@@ -127,9 +132,9 @@ def init_params(model: nn.Module, rng: jax.Array, batch=None,
 
 
 __all__ = [
-    "TASKS", "TaskSpec", "build_model", "config", "dummy_batch", "encoder",
-    "heads", "init_params", "init_rank_output", "pretrain", "task_config",
-    "task_spec", "UniterModel", "UniterForPretraining",
+    "HEADS", "HeadSpec", "build_model", "config", "dummy_batch", "encoder",
+    "heads", "init_params", "init_rank_output", "pretrain", "head_config",
+    "head_spec", "UniterModel", "UniterForPretraining",
     "UniterForVisualQuestionAnswering", "UniterForVisualEntailment",
     "UniterForImageTextRetrieval", "UniterForNlvr2Paired",
     "UniterForNlvr2Triplet", "UniterForNlvr2PairedAttn",

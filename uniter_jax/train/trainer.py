@@ -372,7 +372,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
 def _init_params(config, model, fresh):
   """Params from `config.init_checkpoint`, adapted to the model's task."""
   base = {k: model.cfg[k] for k in um.config.OFFICIAL_FIELDS}
-  spec = um.task_spec(config.model_task)
+  spec = um.head_spec(config.model_task)
   base["vocab_size"] -= spec.extra_vocab
   base["type_vocab_size"] = config.model.type_vocab_size
   src_task = config.init_checkpoint_task
