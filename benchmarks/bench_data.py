@@ -81,7 +81,7 @@ def write_official(data, data_dir: str, out_dir: str, compress: bool
         txn.put(rec["id"], lz4.frame.compress(
             msgpack.dumps(val, use_bin_type=True)))
     env.close()
-  from data_prep import schema  # pylint: disable=g-import-not-at-top
+  from uniter_jax.data import schema  # pylint: disable=g-import-not-at-top
   from uniter_jax.data import sources  # pylint: disable=g-import-not-at-top
   soft_split = sources.RecordReader(data_dir, data.store.name,
                                     schema.SOFT_LABEL_SPLIT,

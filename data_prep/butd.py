@@ -40,8 +40,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from data_prep import common
-from data_prep import schema
 from data_prep import tokenizer
+from uniter_jax.data import schema
 
 _LAYOUTS = {
     6: ("image_id", "image_w", "image_h", "num_boxes", "boxes", "features"),
@@ -57,11 +57,11 @@ def _b64(s: str, dtype, n: int, dataset: str, key: str, field: str
   try:
     arr = np.frombuffer(base64.b64decode(s, validate=True), dtype=dtype)
   except Exception as e:  # pylint: disable=broad-except
-    raise schema.DataPrepError(dataset, key, f"column {field}: bad base64 "
-                               f"({e})") from e
+    raise schema.DataError(dataset, key, f"column {field}: bad base64 "
+                           f"({e})") from e
   if n == 0 or arr.size % n:
-    raise schema.DataPrepError(dataset, key, f"column {field}: {arr.size} "
-                               f"values do not split into {n} regions")
+    raise schema.DataError(dataset, key, f"column {field}: {arr.size} "
+                           f"values do not split into {n} regions")
   return arr.reshape(n, -1)
 
 
@@ -70,30 +70,30 @@ def parse_tsv_row(row: list[str], dataset: str) -> dict[str, Any]:
   key = row[0] if row else "?"
   fields = _LAYOUTS.get(len(row))
   if fields is None:
-    raise schema.DataPrepError(dataset, key, f"{len(row)} TSV columns; "
-                               f"expected one of {sorted(_LAYOUTS)}")
+    raise schema.DataError(dataset, key, f"{len(row)} TSV columns; "
+                           f"expected one of {sorted(_LAYOUTS)}")
   r = dict(zip(fields, row))
   try:
     w, h, n = int(r["image_w"]), int(r["image_h"]), int(r["num_boxes"])
   except ValueError as e:
-    raise schema.DataPrepError(dataset, key, f"bad integer column: {e}"
-                               ) from e
+    raise schema.DataError(dataset, key, f"bad integer column: {e}"
+                           ) from e
   if n <= 0:
-    raise schema.DataPrepError(dataset, key, "zero regions")
+    raise schema.DataError(dataset, key, "zero regions")
   if w <= 0 or h <= 0:
-    raise schema.DataPrepError(dataset, key, f"bad image size {w}x{h}")
+    raise schema.DataError(dataset, key, f"bad image size {w}x{h}")
   boxes = _b64(r["boxes"], np.float32, n, dataset, key, "boxes")
   feats = _b64(r["features"], np.float32, n, dataset, key, "features")
   if boxes.shape[1] != 4 or feats.shape[1] != schema.FEAT_DIM:
-    raise schema.DataPrepError(dataset, key, f"boxes {boxes.shape} / "
-                               f"features {feats.shape}: expected (n, 4) / "
-                               f"(n, {schema.FEAT_DIM})")
+    raise schema.DataError(dataset, key, f"boxes {boxes.shape} / "
+                           f"features {feats.shape}: expected (n, 4) / "
+                           f"(n, {schema.FEAT_DIM})")
   soft = None
   conf = np.ones((n,), np.float32)
   if "cls_prob" in r:
     soft = _b64(r["cls_prob"], np.float32, n, dataset, key, "cls_prob")
     if soft.shape[1] != schema.NUM_LABELS:
-      raise schema.DataPrepError(dataset, key, f"cls_prob {soft.shape}")
+      raise schema.DataError(dataset, key, f"cls_prob {soft.shape}")
     conf = soft[:, 1:].max(axis=1)
   elif "objects_conf" in r:
     conf = _b64(r["objects_conf"], np.float32, n, dataset, key,
@@ -106,13 +106,14 @@ def parse_tsv_row(row: list[str], dataset: str) -> dict[str, Any]:
 
 
 def iter_tsv(paths: list[str], dataset: str) -> Iterator[dict[str, Any]]:
-  """Yields image-store records from TSV files, in file and line order."""
+  """Yields image-store records from TSV files, in file and line order
+  (errors name the dataset and the file)."""
   csv.field_size_limit(sys.maxsize)
   for path in paths:
     with open(path, newline="") as f:
       for row in csv.reader(f, delimiter="\t"):
         if row:
-          yield parse_tsv_row(row, dataset)
+          yield parse_tsv_row(row, f"{dataset} from {path}")
 
 
 @dataclasses.dataclass(eq=False)
@@ -157,8 +158,8 @@ class UniterButdImages(common.ImageStoreBuilder):
     for rec in iter_tsv(self._tsv, common.full_name(self)):
       cols = (rec["soft_labels"] is not None, rec["image_w"] > 0)
       if n_cols is not None and cols != n_cols:
-        raise schema.DataPrepError(common.full_name(self), rec["img_key"],
-                                   "TSV layout changes between lines")
+        raise schema.DataError(common.full_name(self), rec["img_key"],
+                               "TSV layout changes between lines")
       n_cols = cols
       yield rec
 
@@ -306,8 +307,8 @@ class UniterVqa(_AnnBuilder):
       if answers is not None:
         ann = answers.get(q["question_id"])
         if ann is None:
-          raise schema.DataPrepError(name, rid, "question has no entry in "
-                                     "the annotations file")
+          raise schema.DataError(name, rid, "question has no entry in "
+                                 "the annotations file")
         labels, scores = vqa_targets([a["answer"] for a in ann["answers"]],
                                      self._ans2label)
         no_target += not labels

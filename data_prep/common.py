@@ -34,7 +34,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import file_adapters
 import tqdm
 
-from data_prep import schema
+from uniter_jax.data import schema
 
 ARRAY_RECORD = "array_record"
 # ArrayRecord writer options of every data_prep dataset. TFDS 4.9.10 writes
@@ -174,11 +174,11 @@ class ImageStoreBuilder(_Counting, tfds.core.GeneratorBasedBuilder):
       rec = to_image_record(rec)
       key = rec["img_key"]
       if key in seen:
-        raise schema.DataPrepError(name, key, "duplicate image key")
+        raise schema.DataError(name, key, "duplicate image key")
       schema.check_image_record(rec, name)
       if has_soft and not rec.pop("_has_soft_labels"):
-        raise schema.DataPrepError(name, key, "no soft labels, but the "
-                                   "store has them (has_soft_labels=True)")
+        raise schema.DataError(name, key, "no soft labels, but the "
+                               "store has them (has_soft_labels=True)")
       rec.pop("_has_soft_labels", None)
       seen.add(key)
       rec["soft_labels"] = rec["soft_labels"][:0]   # in SOFT_LABEL_SPLIT
@@ -209,12 +209,12 @@ class ImageStoreBuilder(_Counting, tfds.core.GeneratorBasedBuilder):
       rec = to_image_record(rec)
       key = rec["img_key"]
       if n >= len(self._keys) or self._keys[n] != key:
-        raise schema.DataPrepError(name, key, f"record {n} differs from the "
-                                   "images split (source order not stable)")
+        raise schema.DataError(name, key, f"record {n} differs from the "
+                               "images split (source order not stable)")
       schema.check_image_record(rec, name)
       if not rec.pop("_has_soft_labels"):
-        raise schema.DataPrepError(name, key, "no soft labels, but the "
-                                   "store has them (has_soft_labels=True)")
+        raise schema.DataError(name, key, "no soft labels, but the "
+                               "store has them (has_soft_labels=True)")
       for field, width in (("features", schema.FEAT_DIM),
                            ("norm_bb", schema.BOX_DIM)):
         rec[field] = rec[field][:0].reshape(0, width)
@@ -222,8 +222,8 @@ class ImageStoreBuilder(_Counting, tfds.core.GeneratorBasedBuilder):
       yield n, rec
       n += 1
     if n != len(self._keys):
-      raise schema.DataPrepError(name, "*", f"{n} records, but the images "
-                                 f"split has {len(self._keys)}")
+      raise schema.DataError(name, "*", f"{n} records, but the images "
+                             f"split has {len(self._keys)}")
     self._written[schema.SOFT_LABEL_SPLIT] = n
     self._save_counts()
 
@@ -305,11 +305,11 @@ class TextBuilder(_Counting, tfds.core.GeneratorBasedBuilder):
       rec = to_text_record(rec)
       rid = rec["id"]
       if rid in seen:
-        raise schema.DataPrepError(name, rid, "duplicate text id")
+        raise schema.DataError(name, rid, "duplicate text id")
       schema.check_text_record(rec, name, vocab_size)
       for k in rec["img_keys"]:
         if k not in self._img_index:
-          raise schema.DataPrepError(
+          raise schema.DataError(
               name, rid, f"image key {k!r} missing from image store "
               f"{self.info.metadata['img_store']}")
       seen.add(rid)

@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from data_prep import common
-from data_prep import schema
+from uniter_jax.data import schema
 
 CLASSES = ("dog", "cat", "car", "bus", "tree", "house", "bird", "horse",
            "boat", "chair", "table", "cup", "bottle", "man", "woman", "child",

@@ -31,8 +31,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from data_prep import common
-from data_prep import schema
 from data_prep import tokenizer
+from uniter_jax.data import schema
 
 _DB_NAME = re.compile(
     r"^(?:feat_th(?P<th>[-0-9.]+)_max(?P<max>\d+)_min(?P<min>\d+)"
@@ -87,7 +87,11 @@ def decode_img_value(raw: bytes, compressed: bool) -> dict[str, np.ndarray]:
 
 
 def iter_img_db(db_dir: str, dataset: str) -> Iterator[dict[str, Any]]:
-  """Yields image-store records of an official img_db, in `__keys__` order."""
+  """Yields image-store records of an official img_db, in `__keys__` order.
+
+  Errors (`DataError`) name the dataset being built and the LMDB it reads.
+  """
+  dataset = f"{dataset} from {db_dir}"
   info = parse_img_db_name(db_dir)
   nbb = None
   if info["nbb_file"] and os.path.exists(info["nbb_file"]):
@@ -99,27 +103,27 @@ def iter_img_db(db_dir: str, dataset: str) -> Iterator[dict[str, Any]]:
     with env.begin(buffers=False) as txn:
       raw_keys = txn.get(b"__keys__")
       if raw_keys is None:
-        raise schema.DataPrepError(dataset, "__keys__",
-                                   f"{db_dir} has no __keys__ entry")
+        raise schema.DataError(dataset, "__keys__",
+                               f"{db_dir} has no __keys__ entry")
       keys = json.loads(raw_keys.decode("utf-8"))
       for key in keys:
         raw = txn.get(key.encode("utf-8"))
         if raw is None:
-          raise schema.DataPrepError(dataset, key, "listed in __keys__ but "
-                                     "missing from the LMDB")
+          raise schema.DataError(dataset, key, "listed in __keys__ but "
+                                 "missing from the LMDB")
         try:
           dump = decode_img_value(raw, info["compressed"])
         except Exception as e:  # pylint: disable=broad-except
-          raise schema.DataPrepError(
+          raise schema.DataError(
               dataset, key, f"corrupted record ({type(e).__name__}: {e})"
           ) from e
         for field in ("features", "norm_bb", "conf"):
           if field not in dump:
-            raise schema.DataPrepError(dataset, key, f"no {field!r} array "
-                                       f"(has {sorted(dump)})")
+            raise schema.DataError(dataset, key, f"no {field!r} array "
+                                   f"(has {sorted(dump)})")
         n = dump["features"].shape[0]
         if nbb is not None and key in nbb and min(int(nbb[key]), n) != n:
-          raise schema.DataPrepError(
+          raise schema.DataError(
               dataset, key, f"{n} stored regions but {info['nbb_file']} "
               f"says {nbb[key]}")
         yield {"img_key": key, "features": dump["features"],
@@ -188,7 +192,7 @@ class UniterImgDb(common.ImageStoreBuilder):
     has_soft = self.info.metadata["has_soft_labels"]
     for rec in iter_img_db(self._db, common.full_name(self)):
       if (rec["soft_labels"] is not None) != has_soft:
-        raise schema.DataPrepError(
+        raise schema.DataError(
             common.full_name(self), rec["img_key"],
             f"soft_labels present={not has_soft} but the db's first record "
             f"has present={has_soft}")
@@ -221,12 +225,12 @@ def check_vocab_against_meta(vocab: list[str], meta: dict[str, Any],
     i = int(meta[tok])
     got = vocab[i] if 0 <= i < len(vocab) else None
     if got != f"[{tok}]":
-      raise schema.DataPrepError(
+      raise schema.DataError(
           dataset, "meta.json", f"vocab does not match meta.json: "
           f"{tok}={i} but vocab[{i}] is {got!r}")
   hi = int(meta["v_range"][1])
   if hi > len(vocab):
-    raise schema.DataPrepError(
+    raise schema.DataError(
         dataset, "meta.json", f"vocab does not match meta.json: v_range "
         f"ends at {hi} but the vocab has {len(vocab)} tokens")
 
@@ -240,12 +244,12 @@ def _targets(dump: dict[str, Any], rid: str, dataset: str) -> dict[str, Any]:
     labels = list(t.get("labels") or [])
     scores = list(t.get("scores") or [])
     if len(labels) != len(scores):
-      raise schema.DataPrepError(dataset, rid, "target labels and scores "
-                                 "differ in length")
+      raise schema.DataError(dataset, rid, "target labels and scores "
+                             "differ in length")
     return {"target": None, "target_labels": labels, "target_scores": scores}
   if isinstance(t, (bool, int, np.integer)):
     return {"target": int(t)}
-  raise schema.DataPrepError(dataset, rid, f"unsupported target {t!r}")
+  raise schema.DataError(dataset, rid, f"unsupported target {t!r}")
 
 
 def iter_txt_db(db_dir: str, dataset: str, max_txt_len: int, drop,
@@ -253,7 +257,9 @@ def iter_txt_db(db_dir: str, dataset: str, max_txt_len: int, drop,
   """Yields text records of an official txt_db in `id2len.json` order.
 
   `drop(reason)` is called for each record the official loader would skip.
+  Errors (`DataError`) name the dataset being built and the LMDB it reads.
   """
+  dataset = f"{dataset} from {db_dir}"
   id2len = _read_json(os.path.join(db_dir, "id2len.json"))
   txt2img_path = os.path.join(db_dir, "txt2img.json")
   txt2img = _read_json(txt2img_path) if os.path.exists(txt2img_path) else {}
@@ -267,27 +273,27 @@ def iter_txt_db(db_dir: str, dataset: str, max_txt_len: int, drop,
           continue
         raw = txn.get(rid.encode("utf-8"))
         if raw is None:
-          raise schema.DataPrepError(dataset, rid, "in id2len.json but "
-                                     "missing from the LMDB")
+          raise schema.DataError(dataset, rid, "in id2len.json but "
+                                 "missing from the LMDB")
         try:
           dump = decode_txt_value(raw)
         except Exception as e:  # pylint: disable=broad-except
-          raise schema.DataPrepError(
+          raise schema.DataError(
               dataset, rid, f"corrupted record ({type(e).__name__}: {e})"
           ) from e
         if "input_ids" not in dump or "img_fname" not in dump:
-          raise schema.DataPrepError(dataset, rid, "record lacks input_ids "
-                                     f"or img_fname (has {sorted(dump)})")
+          raise schema.DataError(dataset, rid, "record lacks input_ids "
+                                 f"or img_fname (has {sorted(dump)})")
         ids = list(dump["input_ids"])
         if len(ids) != n:
-          raise schema.DataPrepError(dataset, rid, f"{len(ids)} tokens but "
-                                     f"id2len.json says {n}")
+          raise schema.DataError(dataset, rid, f"{len(ids)} tokens but "
+                                 f"id2len.json says {n}")
         fname = dump["img_fname"]
         keys = [fname] if isinstance(fname, str) else list(fname)
         if rid in txt2img and txt2img[rid] not in (fname, keys):
           if not (isinstance(txt2img[rid], list) and
                   list(txt2img[rid]) == keys):
-            raise schema.DataPrepError(
+            raise schema.DataError(
                 dataset, rid, f"img_fname {fname!r} but txt2img.json says "
                 f"{txt2img[rid]!r}")
         rec = {"id": rid, "input_ids": ids, "img_keys": keys}
@@ -337,7 +343,7 @@ class UniterTxtDb(common.TextBuilder):
     meta = _read_json(meta_path)
     missing = [k for k in ("CLS", "SEP", "MASK", "v_range") if k not in meta]
     if missing:
-      raise schema.DataPrepError(name, "meta.json", f"lacks {missing}")
+      raise schema.DataError(name, "meta.json", f"{meta_path} lacks {missing}")
     out = {k: int(meta[k]) for k in ("CLS", "SEP", "MASK")}
     out["v_range"] = [int(x) for x in meta["v_range"]]
     out["vocab_size"] = int(meta["v_range"][1])

@@ -1,28 +1,35 @@
 """Tests of uniter_jax.data on small synthetic TFDS datasets built by data_prep."""
 
 import dataclasses
+import hashlib
 
 import numpy as np
 import pytest
 
-from data_prep import schema
 from uniter_jax.data import buckets as bk
 from uniter_jax.data import collate as collate_lib
+from uniter_jax.data import contract
 from uniter_jax.data import ops as ops_lib
 from uniter_jax.data import pipeline
+from uniter_jax.data import schema
 from uniter_jax.data import sources
 
 TEXT = "uniter_synthetic_text/pipetest:1.0.0"
 IMAGES = "uniter_synthetic_images/pipetest:1.0.0"
 
 
+def _config(name):
+  from data_prep import synthetic  # pylint: disable=g-import-not-at-top
+  return dataclasses.replace(synthetic.TINY_CONFIG, name=name,
+                             num_train_images=40, num_val_images=8,
+                             captions_per_image=3, min_regions=10,
+                             max_regions=60)
+
+
 def _build_corpus(d, name):
   """The test corpus (40 train / 8 val images, 10-60 regions) as `name`."""
   from data_prep import common, synthetic  # pylint: disable=g-import-not-at-top
-  cfg = dataclasses.replace(synthetic.TINY_CONFIG, name=name,
-                            num_train_images=40, num_val_images=8,
-                            captions_per_image=3, min_regions=10,
-                            max_regions=60)
+  cfg = _config(name)
   for builder in (synthetic.UniterSyntheticImages,
                   synthetic.UniterSyntheticText):
     common.build(builder(config=cfg, data_dir=d))
@@ -310,11 +317,9 @@ def _toy_itm(example, rng, ctx):
   return out
 
 
-def test_ops_by_name_deterministic_across_threads(data_dir):
-  ops_lib.register_op("toy_itm", _toy_itm, overwrite=True)
-  assert "toy_itm" in ops_lib.registered_ops()
-  a = list(make(data_dir, ops=["toy_itm"]).iterator(num_epochs=2,
-                                                    num_threads=3))
+def test_ops_deterministic_across_threads(data_dir):
+  a = list(make(data_dir, ops=[_toy_itm]).iterator(num_epochs=2,
+                                                   num_threads=3))
   b = list(make(data_dir, ops={"toy_itm": _toy_itm}).iterator(
       num_epochs=2, num_threads=1))
   for x, y in zip(a, b):
@@ -322,11 +327,11 @@ def test_ops_by_name_deterministic_across_threads(data_dir):
   targets = np.concatenate([x["targets"] for x in a])
   assert 0.2 < targets.mean() < 0.8
   # Epochs redraw: the op's choices differ between epoch 0 and 1.
-  d = make(data_dir, ops=["toy_itm"])
+  d = make(data_dir, ops=[_toy_itm])
   e0 = [d.example(i, 0)["targets"] for i in range(len(d.text))]
   e1 = [d.example(i, 1)["targets"] for i in range(len(d.text))]
   assert e0 != e1
-  with pytest.raises(KeyError, match="unknown data op"):
+  with pytest.raises(TypeError, match="must be a callable"):
     make(data_dir, ops=["no_such_op"])
 
 
@@ -397,8 +402,7 @@ def test_long_text_dropped_and_counted(data_dir):
 def test_with_pretraining_ops_from_tasks(data_dir):
   """The real MLM / MRM / ITM ops (uniter_jax.tasks.masking) fit the hook."""
   masking = pytest.importorskip("uniter_jax.tasks.masking")
-  ops = masking.TASK_OPS
-  d = make(data_dir, ops={"itm": ops["itm"], "mlm": ops["mlm"]},
+  d = make(data_dir, ops={"itm": masking.itm_op, "mlm": masking.mlm_op},
            op_params={"itm_neg_prob": 0.5})
   assert d.context(d.buckets[0]).itm_neg_prob == 0.5
   for step in range(d.batches_per_epoch):
@@ -408,7 +412,7 @@ def test_with_pretraining_ops_from_tasks(data_dir):
     assert batch["targets"].shape == (bucket.batch_size,)
     assert batch["img_feat"].shape[1] == bucket.max_img
     assert ((batch["txt_labels"] != -1).sum(1) >= 1).all()
-  d = make(data_dir, ops={"mrfr": ops["mrfr"]}, with_soft_labels=True)
+  d = make(data_dir, ops={"mrfr": masking.mrm_op}, with_soft_labels=True)
   batch = d.load_batch(0)
   assert batch["img_masks"].any(1).all()
   assert (batch["img_feat"][batch["img_masks"]] == 0).all()
@@ -620,3 +624,405 @@ def test_dropped_batches_recycle_memory_safely(data_dir, ops):
   got = [digest(b) for b in d.iterator(num_epochs=2, num_threads=2)]
   assert got == want
   assert len(d._pool) >= 1  # pylint: disable=protected-access
+
+
+# ---------------------------------------------------------------------------
+# Pretraining batches stay bit-identical (pinned against the code before the
+# task protocol: multi-row examples, field tables, batch ops, exact batches).
+# ---------------------------------------------------------------------------
+def _pin_op(example, rng, ctx):
+  """ITM negative, text and region masks: touches every pretraining field."""
+  out = dict(example)
+  if rng.random() < 0.5:
+    out.update(ctx.sample_image(rng, exclude_key=example["img_key"]))
+    out["targets"] = np.int32(0)
+  else:
+    out["targets"] = np.int32(1)
+  ids = out["input_ids"].copy()
+  out["txt_labels"] = np.where(rng.random(len(ids)) < 0.3, ids,
+                               -1).astype(np.int32)
+  out["input_ids"] = np.where(out["txt_labels"] >= 0, ctx.mask_id,
+                              ids).astype(np.int32)
+  feat = np.asarray(out["img_feat"], np.float32)
+  m = rng.random(len(feat)) < 0.2
+  out["img_masks"] = m
+  out["feat_targets"] = feat.copy()
+  out["img_feat"] = np.where(m[:, None], np.float32(0), feat)
+  if "img_soft_labels" in out:
+    out["label_targets"] = out["img_soft_labels"].copy()
+  out["txt_type_ids"] = np.zeros(len(ids), np.int32)
+  out["img_type_ids"] = np.ones(len(feat), np.int32)
+  return out
+
+
+def _digest(batches):
+  """One hash over the keys (in order), dtypes, shapes and bytes."""
+  h = hashlib.sha1()
+  for batch in batches:
+    for k, v in batch.items():
+      v = np.ascontiguousarray(v)
+      h.update(f"{k}|{v.dtype.str}|{v.shape}|".encode())
+      h.update(v.tobytes())
+  return h.hexdigest()
+
+
+# Computed with the code before the change (same corpus, same configs):
+# epoch 0 and the first batch of epoch 1.
+_PINNED = {
+    "plain": "e91609794397d08a951ab172c0a14cdadecd9bac",
+    "ops_soft": "cece0bde7e0ed77b1c0f2c771838cc11c19eb940",
+    "ops_fp16_shard1": "c4e0f262f354f6e2eea03e78ccf4dfb76249c489",
+}
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("plain", {}),
+    ("ops_soft", dict(with_soft_labels=True, ops=[_pin_op])),
+    ("ops_fp16_shard1", dict(ops=[_pin_op], img_feat_dtype="float16",
+                             shard_index=1, shard_count=2)),
+])
+def test_pretraining_batches_are_pinned(data_dir, name, kw):
+  d = make(data_dir, **kw)
+  assert d.fingerprint() == make(data_dir, **{
+      k: v for k, v in kw.items() if k not in ("shard_index",
+                                               "shard_count")}).fingerprint()
+  steps = range(d.batches_per_epoch + 1)
+  batches = [d.load_batch(s) for s in steps]
+  assert _digest(batches) == _PINNED[name]
+  # The same through the iterator (grain threads).
+  it = d.iterator(num_epochs=2, num_threads=2)
+  assert _digest([next(it) for _ in steps]) == _PINNED[name]
+
+
+def test_pretraining_batch_layout(data_dir):
+  """Keys (in order), dtypes and shapes of the default and op batches."""
+  d = make(data_dir)
+  bucket, _ = d.host_rows(0)
+  b, lt, li = bucket.batch_size, bucket.max_txt, bucket.max_img
+  batch = d.load_batch(0)
+  assert [(k, v.dtype.str, v.shape) for k, v in batch.items()] == [
+      ("input_ids", "<i4", (b, lt)), ("img_feat", "<f4", (b, li, 2048)),
+      ("img_pos_feat", "<f4", (b, li, 7)), ("position_ids", "<i4", (b, lt)),
+      ("attn_masks", "<i4", (b, lt + li)), ("txt_lens", "<i4", (b,)),
+      ("num_bbs", "<i4", (b,))]
+  contract.check_batch(batch, contract.BASE_FIELDS, where="plain")
+  batch = make(data_dir, ops=[_pin_op], with_soft_labels=True).load_batch(0)
+  assert [(k, v.dtype.str, v.shape) for k, v in batch.items()] == [
+      ("input_ids", "<i4", (b, lt)), ("txt_type_ids", "<i4", (b, lt)),
+      ("txt_labels", "<i4", (b, lt)), ("img_feat", "<f4", (b, li, 2048)),
+      ("img_pos_feat", "<f4", (b, li, 7)), ("img_type_ids", "<i4", (b, li)),
+      ("img_soft_labels", "<f4", (b, li, 1601)),
+      ("img_masks", "|b1", (b, li)), ("feat_targets", "<f4", (b, li, 2048)),
+      ("label_targets", "<f4", (b, li, 1601)), ("targets", "<i4", (b,)),
+      ("position_ids", "<i4", (b, lt)), ("attn_masks", "<i4", (b, lt + li)),
+      ("txt_lens", "<i4", (b,)), ("num_bbs", "<i4", (b,))]
+  contract.check_batch(batch, contract.BASE_FIELDS + contract.PRETRAIN_FIELDS,
+                       where="ops")
+  tl, nb = batch["txt_lens"], batch["num_bbs"]
+  for r in range(b):
+    assert (batch["txt_labels"][r, tl[r]:] == -1).all()
+    assert (batch["img_type_ids"][r, nb[r]:] == 1).all()
+    assert not batch["img_masks"][r, nb[r]:].any()
+
+
+# ---------------------------------------------------------------------------
+# Several images per text record, several rows per example.
+# ---------------------------------------------------------------------------
+PAIR_TEXT = "uniter_pair_test_text:1.0.0"
+_PAIR_BUILDER = []
+
+
+def _pair_records(indices):
+  from data_prep import synthetic  # pylint: disable=g-import-not-at-top
+  cfg = _config("pipetest")
+  for i in indices:
+    yield {"id": f"pair_{i}",
+           "input_ids": synthetic.tokenize(synthetic.captions(cfg, i)[0]),
+           "img_keys": [synthetic.image_key(i),
+                        synthetic.image_key((7 * i + 3) % 40)],
+           "target": i % 2}
+
+
+def _pair_builder(pkg_dir):
+  """A text dataset naming two images per record (NLVR2-like) over the
+  pipetest image store: 40 train records, 23 val records."""
+  if not _PAIR_BUILDER:
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    from data_prep import common, synthetic  # pylint: disable=g-import-not-at-top
+
+    class UniterPairTestText(common.TextBuilder):
+      SOURCE = "test"
+      # TFDS looks for README/citation files next to a builder's package; a
+      # test module is no package.
+      pkg_dir_path = epath.Path(pkg_dir)
+
+      def _text_meta(self, dl_manager):
+        meta = synthetic._text_meta(_config("pipetest"))  # pylint: disable=protected-access
+        meta["task"] = "nlvr2"
+        return meta
+
+      def _split_iters(self, dl_manager):
+        return {"train": _pair_records(range(40)),
+                "val": _pair_records(range(23))}
+
+    _PAIR_BUILDER.append(UniterPairTestText)
+  return _PAIR_BUILDER[0]
+
+
+@pytest.fixture(scope="module")
+def pair_dir(data_dir, tmp_path_factory):
+  from data_prep import common  # pylint: disable=g-import-not-at-top
+  pkg = str(tmp_path_factory.mktemp("pair_builder"))
+  common.build(_pair_builder(pkg)(data_dir=data_dir))
+  return data_dir
+
+
+def _paired(example, rng, ctx):
+  """NLVR2 paired: one row per image, the text in both."""
+  del rng, ctx
+  rows = []
+  for img in example["_images"]:
+    row = {k: v for k, v in example.items() if k != "_images"}
+    row.update(img)
+    rows.append(row)
+  return rows
+
+
+def _concat(example, rng, ctx):
+  """NLVR2 triplet-like: one row holding both images' regions."""
+  del rng, ctx
+  imgs = example["_images"]
+  out = {k: v for k, v in example.items() if k != "_images"}
+  for f in ("img_feat", "img_pos_feat"):
+    out[f] = np.concatenate([im[f] for im in imgs])
+  out["img_type_ids"] = np.concatenate([
+      np.full(len(im["img_feat"]), t + 1, np.int32)
+      for t, im in enumerate(imgs)])
+  return out
+
+
+def _mask_text(example, rng, ctx):
+  """A per-row op after a row-making op: marks some text tokens."""
+  del ctx
+  out = dict(example)
+  ids = out["input_ids"]
+  out["txt_labels"] = np.where(rng.random(len(ids)) < 0.5, ids,
+                               -1).astype(np.int32)
+  return out
+
+
+_PAIR_FIELDS = tuple(f for f in contract.BASE_FIELDS) + (
+    contract.Field("txt_labels", np.int32, "text", pad=-1),
+    contract.Field("targets", np.int32, "example"),   # one label per pair
+    contract.Field("pair_rows", np.int32, "batch", optional=True),
+)
+
+
+def _pair_rows(batch):
+  """A batch op: the row's position within its example."""
+  out = dict(batch)
+  out["pair_rows"] = np.tile(np.arange(2, dtype=np.int32),
+                             len(batch["input_ids"]) // 2)
+  return out
+
+
+def make_pair(data_dir, split="train", **kw):
+  args = dict(token_budget=1024, batch_multiple=4, shard_index=0,
+              shard_count=1, max_buckets=4, target_padding=0.0, seed=3)
+  args.update(kw)
+  return pipeline.UniterData(data_dir, PAIR_TEXT, split, **args)
+
+
+def test_multi_image_records_are_joined(pair_dir):
+  d = make_pair(pair_dir, ops=[_paired], rows_per_example=2)
+  text, store = d.text, d.store
+  assert text.max_images == 2 and (text.num_images == 2).all()
+  for i in range(0, len(text), 5):
+    k = int(text.records[i])
+    keys = [store.keys[j] for j in text.images_of(i)]
+    assert keys == [f"synthetic_{k:07d}", f"synthetic_{(7 * k + 3) % 40:07d}"]
+    assert text.img_index[i] == text.images_of(i)[0]
+    ex = text.example(i)
+    assert ex["img_key"] == keys[0] and len(ex["_images"]) == 2
+    assert [im["img_key"] for im in ex["_images"]] == keys
+    assert ex["_images"][0]["img_feat"] is ex["img_feat"]
+    for im, j in zip(ex["_images"], text.images_of(i)):
+      np.testing.assert_array_equal(im["img_feat"],
+                                    store.load(int(j))["img_feat"])
+  # The length index: the most regions of a record's images ("max").
+  nbb = store.num_bbs(text.img_indices).reshape(-1, 2)
+  np.testing.assert_array_equal(d.num_bbs, nbb.max(1))
+  np.testing.assert_array_equal(
+      make_pair(pair_dir, ops=[_concat], row_regions="sum").num_bbs,
+      nbb.sum(1))
+  # One-image records: no `_images`, the example of before.
+  single = make(pair_dir).text.example(3)
+  assert "_images" not in single
+
+
+def test_paired_rows_are_adjacent_and_fit_the_budget(pair_dir):
+  d = make_pair(pair_dir, ops=[_paired, _mask_text], rows_per_example=2,
+                fields=_PAIR_FIELDS, batch_ops=[_pair_rows])
+  assert d.batches_per_epoch > 0
+  seen = 0
+  for step in range(d.batches_per_epoch):
+    bucket, idx = d.host_rows(step)
+    batch = d.load_batch(step)      # checked against _PAIR_FIELDS inside
+    b, lt, li = bucket.batch_size, bucket.max_txt, bucket.max_img
+    assert b % 4 == 0 and b % 2 == 0 and b * (lt + li) <= 1024
+    assert len(idx) == b // 2 and batch["input_ids"].shape == (b, lt)
+    assert batch["img_feat"].shape == (b, li, 2048)
+    assert batch["targets"].shape == (b // 2,)
+    assert batch["pair_rows"].tolist() == [0, 1] * (b // 2)
+    for e, i in enumerate(idx):
+      r0, r1 = 2 * e, 2 * e + 1
+      np.testing.assert_array_equal(batch["input_ids"][r0],
+                                    batch["input_ids"][r1])
+      assert batch["targets"][e] == int(d.text.records[i]) % 2
+      for r, j in zip((r0, r1), d.text.images_of(int(i))):
+        feat = d.store.load(int(j))["img_feat"]
+        assert batch["num_bbs"][r] == len(feat)
+        np.testing.assert_array_equal(batch["img_feat"][r, :len(feat)], feat)
+    seen += len(idx)
+  assert seen + len(d.plan(0).dropped) == len(d.text)
+  # Batch ops and the field check place no example elsewhere: a state saved
+  # without them resumes with them.
+  assert d.fingerprint() == make_pair(pair_dir, ops=[_paired, _mask_text],
+                                      rows_per_example=2).fingerprint()
+  # An undeclared field made by a batch op is refused at the boundary.
+  bad = make_pair(pair_dir, ops=[_paired, _mask_text], rows_per_example=2,
+                  fields=_PAIR_FIELDS[:-1], batch_ops=[_pair_rows])
+  with pytest.raises(contract.BatchContractError, match="pair_rows"):
+    bad.load_batch(0)
+
+
+def test_concatenated_images_in_one_row(pair_dir):
+  d = make_pair(pair_dir, ops=[_concat], row_regions="sum",
+                fields=contract.BASE_FIELDS + contract.PRETRAIN_FIELDS)
+  for step in range(d.batches_per_epoch):
+    bucket, idx = d.host_rows(step)
+    batch = d.load_batch(step)
+    b, lt, li = bucket.batch_size, bucket.max_txt, bucket.max_img
+    assert batch["img_feat"].shape == (b, li, 2048) and len(idx) == b
+    assert b * (lt + li) <= 1024
+    for r, i in enumerate(idx):
+      n = [d.store.num_bbs()[j] for j in d.text.images_of(int(i))]
+      assert batch["num_bbs"][r] == sum(n) == d.num_bbs[i]
+      assert batch["img_type_ids"][r].tolist() == (
+          [1] * n[0] + [2] * n[1] + [1] * (li - sum(n)))
+      assert batch["targets"][r] == int(d.text.records[i]) % 2
+  # With the length index of one image per row, the concatenation does not
+  # fit its shape: a clear error, not a silent cut.
+  with pytest.raises(ValueError, match="bucket holds"):
+    small = make_pair(pair_dir, ops=[_concat])
+    for step in range(small.batches_per_epoch):
+      small.load_batch(step)
+
+
+def test_rows_per_example_errors(pair_dir):
+  with pytest.raises(ValueError, match="needs task ops"):
+    make_pair(pair_dir, rows_per_example=2)
+  with pytest.raises(ValueError, match=r"pair_\d+.*1 rows.*rows_per_example=2"):
+    make_pair(pair_dir, ops=[_concat], rows_per_example=2,
+              row_regions="sum").load_batch(0)
+  with pytest.raises(ValueError, match="2 rows.*rows_per_example=1"):
+    make_pair(pair_dir, ops=[_paired]).load_batch(0)
+  with pytest.raises(ValueError, match="rows_per_example \\* host count"):
+    make_pair(pair_dir, ops=[_paired], rows_per_example=2, batch_multiple=2,
+              shard_index=0, shard_count=2, buckets=[(20, 34)])
+
+
+# ---------------------------------------------------------------------------
+# Exact evaluation batches.
+# ---------------------------------------------------------------------------
+def _check_exact(d, batches):
+  """Every kept example once, padding masked, shapes of the buckets."""
+  plan = d.exact_plan()
+  assert len(batches) == len(plan)
+  rpe = d.rows_per_example
+  got = []
+  for (k, part, real), batch in zip(plan, batches):
+    bucket = d.buckets[k]
+    rows = bucket.batch_size // d.shard_count
+    assert batch["input_ids"].shape == (rows, bucket.max_txt)
+    assert rows % (4 // d.shard_count) == 0
+    mask, index = batch["example_mask"], batch["example_index"]
+    assert mask.dtype == np.bool_ and index.dtype == np.int64
+    assert mask.shape == index.shape == (rows,)
+    # All rows of an example alike.
+    assert (mask.reshape(-1, rpe) == mask[::rpe, None]).all()
+    assert (index.reshape(-1, rpe) == index[::rpe, None]).all()
+    assert (index[~mask] == -1).all() and (index[mask] >= 0).all()
+    assert (d.assignment[index[mask]] == k).all()
+    got.append(index[mask][::rpe])
+    assert real == len(np.unique(part))
+  return np.concatenate(got)
+
+
+def test_exact_batches_visit_every_example_once(data_dir):
+  # The val split: 24 captions, fewer than some shapes' batches.
+  d = pipeline.UniterData(data_dir, TEXT, "val", token_budget=1024,
+                          batch_multiple=4, shard_index=0, shard_count=1,
+                          max_buckets=3, target_padding=0.0, seed=3,
+                          ops=[_pin_op],
+                          fields=contract.BASE_FIELDS
+                          + contract.PRETRAIN_FIELDS)
+  n = len(d.text)
+  batches = list(d.exact_batches())
+  ids = _check_exact(d, batches)
+  assert len(ids) == n
+  np.testing.assert_array_equal(np.sort(ids), np.arange(n))
+  # Index order within each shape; the padding copies a real example.
+  for (k, part, real), batch in zip(d.exact_plan(), batches):
+    assert (np.diff(part[:real]) > 0).all()
+    pad = ~batch["example_mask"]
+    if pad.any():
+      first = int(np.flatnonzero(~pad)[0])
+      for r in np.flatnonzero(pad):
+        np.testing.assert_array_equal(batch["img_feat"][r],
+                                      batch["img_feat"][first])
+        np.testing.assert_array_equal(batch["input_ids"][r],
+                                      batch["input_ids"][first])
+  assert any((~b["example_mask"]).any() for b in batches)
+  # Deterministic (the ops' RNG of epoch 0), in grain's threads or not.
+  again = [d.load_exact_batch(j) for j in range(len(batches))]
+  assert _digest(again) == _digest(batches)
+  # Two hosts: each takes its slice of every batch; together everything.
+  hosts = [pipeline.UniterData(data_dir, TEXT, "val", token_budget=1024,
+                               batch_multiple=4, shard_index=h, shard_count=2,
+                               max_buckets=3, target_padding=0.0, seed=3,
+                               ops=[_pin_op]) for h in range(2)]
+  parts = [list(h.exact_batches(num_threads=1)) for h in hosts]
+  ids = [_check_exact(h, p) for h, p in zip(hosts, parts)]
+  assert len(np.intersect1d(ids[0], ids[1])) == 0
+  np.testing.assert_array_equal(np.sort(np.concatenate(ids)), np.arange(n))
+  for whole, a, b in zip(batches, *parts):
+    for key in whole:
+      np.testing.assert_array_equal(np.concatenate([a[key], b[key]]),
+                                    whole[key], err_msg=key)
+
+
+def test_exact_batches_of_a_split_smaller_than_a_batch(data_dir):
+  d = pipeline.UniterData(data_dir, TEXT, "val", token_budget=8192,
+                          batch_multiple=4, shard_index=0, shard_count=1,
+                          max_buckets=2, seed=3)
+  assert d.batches_per_epoch == 0      # training has nothing to draw from
+  with pytest.raises(ValueError, match="make no full batch"):
+    d.iterator()
+  with pytest.raises(ValueError, match="make no full batch"):
+    d.load_batch(0)
+  batches = list(d.exact_batches(num_threads=1))
+  ids = _check_exact(d, batches)
+  np.testing.assert_array_equal(np.sort(ids), np.arange(len(d.text)))
+
+
+def test_exact_batches_of_multi_row_examples(pair_dir):
+  d = make_pair(pair_dir, "val", ops=[_paired, _mask_text],
+                rows_per_example=2, fields=_PAIR_FIELDS,
+                batch_ops=[_pair_rows])
+  assert len(d.text) == 23
+  batches = list(d.exact_batches())
+  ids = _check_exact(d, batches)
+  np.testing.assert_array_equal(np.sort(ids), np.arange(23))
+  for batch in batches:
+    assert batch["targets"].shape == (len(batch["input_ids"]) // 2,)

@@ -11,10 +11,10 @@ import tensorflow_datasets as tfds
 
 from data_prep import butd
 from data_prep import common
-from data_prep import schema
 from data_prep import tokenizer
 from data_prep import uniter_db
 import fixtures_official as fx
+from uniter_jax.data import schema
 
 
 def _source(data_dir, name, split):
@@ -143,7 +143,7 @@ def test_img_db_bad_record_errors_and_leaves_no_dataset(tmp_path, problem,
   elif problem == "overflow":    # finite fp32, inf after the fp16 cast
     images[bad]["features"] = images[bad]["features"].astype(np.float64)
     images[bad]["features"][0, 0] = 1e6
-  with pytest.raises(schema.DataPrepError, match=match) as e:
+  with pytest.raises(schema.DataError, match=match) as e:
     _build_img_db(tmp_path, images, variant="all", raw_override=override)
   assert e.value.record_id == bad and "uniter_img_db/imgs" in str(e.value)
   _assert_not_built(tmp_path, "uniter_img_db/imgs")
@@ -160,7 +160,9 @@ def test_img_db_nbb_json_mismatch(tmp_path):
   b = uniter_db.UniterImgDb(config=uniter_db.ImgDbConfig(
       name="x", img_db=os.path.basename(db)), data_dir=os.fspath(
           tmp_path / "data"))
-  with pytest.raises(schema.DataPrepError, match="img_0001.npz.*nbb_th"):
+  with pytest.raises(schema.DataError,
+                     match=r"uniter_img_db/x:1.0.0 from .*: record "
+                     r"'img_0001.npz'.*nbb_th"):
     common.build(b, manual_dir=os.fspath(manual))
 
 
@@ -225,14 +227,18 @@ def test_txt_db_round_trip_and_drop_count(tmp_path, img_store):
 def test_txt_db_missing_image_key(tmp_path, img_store):
   ex = _examples()
   ex["t4"]["img_fname"] = "nope.npz"
-  with pytest.raises(schema.DataPrepError, match="'t4'.*nope.npz.*missing"):
+  with pytest.raises(schema.DataError,
+                     match=r"uniter_txt_db/txt:1.0.0\[train\]: "
+                     r"record 't4'.*nope.npz.*missing"):
     _build_txt_db(tmp_path, ex, img_store)
   with pytest.raises(Exception):
     _source(tmp_path / "data", "uniter_txt_db/txt", "train")
 
 
 def test_txt_db_corrupted_record(tmp_path, img_store):
-  with pytest.raises(schema.DataPrepError, match="'t1'.*corrupted"):
+  with pytest.raises(schema.DataError,
+                     match=r"uniter_txt_db/txt:1.0.0 from .*txt.db: "
+                     r"record 't1': corrupted"):
     _build_txt_db(tmp_path, _examples(), img_store,
                   raw_override={"t1": b"garbage"})
   assert not (tmp_path / "data" / "uniter_txt_db" / "txt" / "1.0.0").exists()
@@ -243,14 +249,15 @@ def test_txt_db_refuses_pickled_objects(tmp_path, img_store):
                "img_fname": "img_0000.npz"}}
   raw = lz4.frame.compress(msgpack.dumps(ex["t0"], use_bin_type=True,
                                          default=msgpack_numpy.encode))
-  with pytest.raises(schema.DataPrepError, match="corrupted.*pickled"):
+  with pytest.raises(schema.DataError, match="corrupted.*pickled"):
     _build_txt_db(tmp_path, {"t0": {"input_ids": [1],
                                     "img_fname": "img_0000.npz"}},
                   img_store, raw_override={"t0": raw})
 
 
 def test_txt_db_id2len_mismatch(tmp_path, img_store):
-  with pytest.raises(schema.DataPrepError, match="'t0'.*id2len"):
+  with pytest.raises(schema.DataError,
+                     match=r"txt:1.0.0 from .*txt.db: record 't0'.*id2len"):
     _build_txt_db(tmp_path, _examples(), img_store,
                   id2len_override={"t0": 3})
 
@@ -259,7 +266,7 @@ def test_txt_db_vocab_mismatch(tmp_path, img_store):
   bad = list(fx.VOCAB)
   bad[3], bad[4] = bad[4], bad[3]          # [CLS] and [SEP] swapped
   vocab = fx.write_vocab(os.fspath(tmp_path / "v.txt"), bad)
-  with pytest.raises(schema.DataPrepError, match="vocab does not match "
+  with pytest.raises(schema.DataError, match="vocab does not match "
                      "meta.json: CLS=3"):
     _build_txt_db(tmp_path, _examples(), img_store, vocab=vocab)
 
@@ -320,11 +327,11 @@ def test_butd_tsv_bad_lines(tmp_path):
   path = os.fspath(tmp_path / "x.tsv")
   fx.write_butd_tsv(path, images)
   line = open(path).read().rstrip("\n").split("\t")
-  with pytest.raises(schema.DataPrepError, match="'7'.*zero regions"):
+  with pytest.raises(schema.DataError, match="ds: record '7': zero regions"):
     butd.parse_tsv_row(line[:3] + ["0"] + line[4:], "ds")
-  with pytest.raises(schema.DataPrepError, match="'7'.*bad base64"):
+  with pytest.raises(schema.DataError, match="ds: record '7': .*bad base64"):
     butd.parse_tsv_row(line[:5] + ["@@@"], "ds")
-  with pytest.raises(schema.DataPrepError, match="'7'.*columns"):
+  with pytest.raises(schema.DataError, match="ds: record '7': .*columns"):
     butd.parse_tsv_row(line[:5], "ds")
 
 
@@ -378,7 +385,9 @@ def test_coco_captions(tmp_path):
       name="d", splits={"train": "caps.json"},
       img_key_format="COCO_{image_id:06d}"), data_dir=os.fspath(
           tmp_path / "data"))
-  with pytest.raises(schema.DataPrepError, match="'14'.*COCO_000003"):
+  with pytest.raises(schema.DataError,
+                     match=r"uniter_coco_captions/d:1.0.0\[train\]: "
+                     r"record '14'.*COCO_000003"):
     common.build(b, manual_dir=os.fspath(manual))
 
 

@@ -7,9 +7,9 @@ import pytest
 import tensorflow_datasets as tfds
 
 from data_prep import common
-from data_prep import schema
 from data_prep import synthetic
 from data_prep import tokenizer
+from uniter_jax.data import schema
 
 
 class _Merged:

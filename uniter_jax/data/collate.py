@@ -1,9 +1,11 @@
-"""Pads per-example dicts to a static bucket shape (the batch contract).
+"""Pads per-row dicts to a static bucket shape (the batch contract).
 
-Layout per row: `[CLS text SEP pad.. (Lt) | regions pad.. (Li)]`. Fields and
-padding values follow the batch contract; optional fields are emitted only
-when some example carries them (an op's output must be present in all
-examples of a batch or in none).
+Layout per row: `[CLS text SEP pad.. (Lt) | regions pad.. (Li)]`. Which
+fields exist, their dtypes, trailing dims and padding values come from a
+field table (`contract.Field`s; default `contract.DEFAULT_FIELDS`, the base
+layout plus the pretraining fields), so a task adds fields by declaring
+them. Optional fields are emitted only when some row carries them (an op's
+output must be present in all rows of a batch or in none).
 """
 
 from __future__ import annotations
@@ -14,27 +16,28 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from uniter_jax.data import contract
 from uniter_jax.data import sources
 from uniter_jax.data.buckets import Bucket
 
-# field -> (axis kind, dtype, pad value, trailing dims)
-_TEXT = {
-    "input_ids": (np.int32, 0),
-    "txt_type_ids": (np.int32, 0),
-    "txt_labels": (np.int32, -1),
-}
-_IMG = {
-    "img_feat": (np.float32, 0.0),
-    "img_pos_feat": (np.float32, 0.0),
-    "img_type_ids": (np.int32, 1),
-    "img_soft_labels": (np.float32, 0.0),
-    "img_masks": (np.bool_, False),
-    "feat_targets": (np.float32, 0.0),
-    "label_targets": (np.float32, 0.0),
-}
-_REQUIRED = ("input_ids", "img_feat", "img_pos_feat")
-KNOWN_FIELDS = frozenset(_TEXT) | frozenset(_IMG) | {"targets"}
-# Per-example bookkeeping that never reaches the batch (besides `_*` keys).
+
+def _split(fields: Sequence[contract.Field]):
+  """(text, image, row, example) {name: field} and the required names."""
+  table = contract.field_table(fields)
+  by_kind = {k: {n: f for n, f in table.items() if f.kind == k}
+             for k in contract.COLLATED_KINDS}
+  required = tuple(n for n, f in table.items()
+                   if f.kind in contract.COLLATED_KINDS and not f.optional)
+  known = frozenset(n for n, f in table.items()
+                    if f.kind in contract.COLLATED_KINDS)
+  return by_kind, required, known
+
+
+_DEFAULT = _split(contract.DEFAULT_FIELDS)
+# Names a row may carry with the default table. Besides these, collate makes
+# `position_ids`, `attn_masks`, `txt_lens` and `num_bbs`.
+KNOWN_FIELDS = _DEFAULT[2]
+# Per-row bookkeeping that never reaches the batch (besides `_*` keys).
 IGNORED_FIELDS = frozenset({"img_key"})
 
 
@@ -98,16 +101,47 @@ def _where(example: dict[str, Any]) -> str:
   return f"example {example.get('_id', example.get('_index', '?'))!r}"
 
 
+def _check_tail(f: contract.Field, tail: tuple, example: dict[str, Any],
+                lt: int, li: int) -> None:
+  want = tuple(contract.expected_shape(f, 0, lt, li)[
+      2 if f.kind in ("text", "image") else 1:])
+  if len(tail) != len(want) or any(w is not None and t != w
+                                   for t, w in zip(tail, want)):
+    raise ValueError(f"collate: {_where(example)} {f.name} has trailing dims "
+                     f"{tail}; the batch contract declares {f.tail}")
+
+
+def _stack(examples: Sequence[dict[str, Any]], f: contract.Field, lt: int,
+           li: int) -> np.ndarray:
+  """A "row" / "example" field: one value per dict, stacked."""
+  vals = [np.asarray(ex[f.name]) for ex in examples]
+  tail = vals[0].shape
+  _check_tail(f, tail, examples[0], lt, li)
+  for ex, v in zip(examples, vals):
+    if v.shape != tail:
+      raise ValueError(f"collate: {_where(ex)} {f.name} shape {v.shape}, "
+                       f"expected {tail} like the batch's first row")
+  arr = np.stack(vals)
+  if arr.dtype not in f.dtypes:
+    if not np.can_cast(arr.dtype, f.default_dtype, "same_kind"):
+      raise ValueError(f"collate: {f.name} has dtype {arr.dtype}; the batch "
+                       f"contract declares {f.default_dtype}")
+    arr = arr.astype(f.default_dtype)
+  return arr
+
+
 def collate(examples: Sequence[dict[str, Any]], bucket: Bucket,
             num_rows: int | None = None,
             img_feat_dtype: Any = np.float32,
             fp16_checked: bool = False,
-            pool: BufferPool | None = None) -> dict[str, np.ndarray]:
-  """Stacks `examples` into one batch of shape `bucket` (rows: `num_rows`).
+            pool: BufferPool | None = None,
+            fields: Sequence[contract.Field] | None = None,
+            rows_per_example: int = 1) -> dict[str, np.ndarray]:
+  """Stacks per-row dicts into one batch of shape `bucket` (`num_rows` rows).
 
   Args:
-    examples: per-example dicts (batch contract); `img_key` and
-      `_`-prefixed keys are ignored.
+    examples: per-row dicts (batch contract), example-major when an example
+      has several rows; `img_key` and `_`-prefixed keys are ignored.
     bucket: the static (Lt, Li) shape.
     num_rows: rows of the output (default `len(examples)`); must equal
       `len(examples)`: rows are never invented.
@@ -119,19 +153,28 @@ def collate(examples: Sequence[dict[str, Any]], bucket: Bucket,
       the batch skips that pass.
     pool: where the large image arrays get their memory (see `BufferPool`);
       default: fresh `np.empty`.
+    fields: the field table (`contract.Field`s); default
+      `contract.DEFAULT_FIELDS`. Fields of kind "batch" are never taken
+      from the rows.
+    rows_per_example: rows per example; "example" fields are taken from the
+      first row of each example.
 
   Returns:
     The batch dict with `position_ids`, `attn_masks`, `txt_lens`, `num_bbs`.
 
   Raises:
-    ValueError: an example does not fit the shape, lacks a required field,
-      carries an unknown field, or an optional field is in some examples only.
+    ValueError: a row does not fit the shape, lacks a required field,
+      carries an unknown field, or an optional field is in some rows only.
   """
   b = len(examples) if num_rows is None else num_rows
   if b != len(examples):
     raise ValueError(f"collate: {len(examples)} examples for {b} rows")
+  if rows_per_example < 1 or b % rows_per_example:
+    raise ValueError(f"collate: {b} rows are no whole number of examples of "
+                     f"rows_per_example={rows_per_example} rows")
+  by_kind, required, known = _DEFAULT if fields is None else _split(fields)
   lt, li = bucket.max_txt, bucket.max_img
-  fields = set()
+  present = set()
   checked_keys = None
   for ex in examples:
     if checked_keys is not None and ex.keys() == checked_keys:
@@ -139,18 +182,18 @@ def collate(examples: Sequence[dict[str, Any]], bucket: Bucket,
     checked_keys = ex.keys()
     keys = {k for k in ex
             if not k.startswith("_") and k not in IGNORED_FIELDS}
-    unknown = keys - KNOWN_FIELDS
+    unknown = keys - known
     if unknown:
       raise ValueError(f"collate: {_where(ex)} has unknown fields "
-                       f"{sorted(unknown)}; known: {sorted(KNOWN_FIELDS)}")
-    missing = [k for k in _REQUIRED if k not in ex]
+                       f"{sorted(unknown)}; known: {sorted(known)}")
+    missing = [k for k in required if k not in ex]
     if missing:
       raise ValueError(f"collate: {_where(ex)} lacks {missing}")
-    fields |= keys
+    present |= keys
   for ex in examples:
-    if len(ex) >= len(fields) and ex.keys() >= fields:
+    if len(ex) >= len(present) and ex.keys() >= present:
       continue
-    absent = fields - set(ex)
+    absent = present - set(ex)
     if absent:
       raise ValueError(f"collate: {_where(ex)} lacks {sorted(absent)} which "
                        "other examples of the batch carry")
@@ -162,33 +205,43 @@ def collate(examples: Sequence[dict[str, Any]], bucket: Bucket,
       raise ValueError(f"collate: {_where(ex)} has {t} text tokens and {n} "
                        f"regions; the bucket holds Lt={lt}, Li={li}")
   out: dict[str, np.ndarray] = {}
-  for name, (dtype, pad) in _TEXT.items():
-    if name not in fields:
+  for name, f in by_kind["text"].items():
+    if name not in present:
       continue
-    arr = _unfilled((b, lt), dtype)
+    dtype, pad = f.default_dtype, f.pad
+    tail = np.shape(examples[0][name])[1:]
+    _check_tail(f, tail, examples[0], lt, li)
+    arr = _unfilled((b, lt) + tail, dtype)
     for r, ex in enumerate(examples):
       v = np.asarray(ex[name])
-      if v.shape != (txt_lens[r],):
+      if v.shape != (txt_lens[r],) + tail:
         raise ValueError(f"collate: {_where(ex)} {name} shape {v.shape}, "
-                         f"expected ({txt_lens[r]},) like input_ids")
+                         f"expected {(int(txt_lens[r]),) + tail} like "
+                         "input_ids")
       arr[r, :txt_lens[r]] = v
       arr[r, txt_lens[r]:] = pad
     out[name] = arr
-  for name, (dtype, pad) in _IMG.items():
-    if name not in fields:
+  for name, f in by_kind["image"].items():
+    if name not in present:
       continue
+    dtype, pad = f.default_dtype, f.pad
     if name == "img_feat":
       dtype = np.dtype(img_feat_dtype)
-      if dtype not in (np.float32, np.float16):
-        raise ValueError(f"collate: img_feat_dtype must be float32 or "
-                         f"float16, got {dtype}")
+      if dtype not in f.dtypes:
+        raise ValueError(f"collate: img_feat_dtype must be "
+                         f"{' or '.join(str(d) for d in f.dtypes)}, got "
+                         f"{dtype}")
+    elif len(f.dtypes) > 1:
+      have = np.asarray(examples[0][name]).dtype
+      dtype = have if have in f.dtypes else dtype
     tail = np.shape(examples[0][name])[1:]
+    _check_tail(f, tail, examples[0], lt, li)
     arr = _unfilled((b, li) + tail, dtype, pool)
     for r, ex in enumerate(examples):
       v = np.asarray(ex[name])
       if v.shape != (num_bbs[r],) + tail:
         raise ValueError(f"collate: {_where(ex)} {name} shape {v.shape}, "
-                         f"expected {(num_bbs[r],) + tail}")
+                         f"expected {(int(num_bbs[r]),) + tail}")
       if v.dtype == np.float16 and arr.dtype == np.float32:
         # Exact, and much faster than numpy's own fp16 cast.
         sources.fp16_to_fp32(v, out=arr[r, :num_bbs[r]],
@@ -198,8 +251,12 @@ def collate(examples: Sequence[dict[str, Any]], bucket: Bucket,
       if num_bbs[r] < li:
         arr[r, num_bbs[r]:] = pad
     out[name] = arr
-  if "targets" in fields:
-    out["targets"] = np.stack([np.asarray(ex["targets"]) for ex in examples])
+  for name, f in by_kind["row"].items():
+    if name in present:
+      out[name] = _stack(examples, f, lt, li)
+  for name, f in by_kind["example"].items():
+    if name in present:
+      out[name] = _stack(examples[::rows_per_example], f, lt, li)
   out["position_ids"] = np.broadcast_to(np.arange(lt, dtype=np.int32),
                                         (b, lt)).copy()
   attn = np.zeros((b, lt + li), np.int32)

@@ -5,16 +5,20 @@ An op is `op(example, rng, ctx) -> example`:
 * `example` is the per-example dict of the batch contract (numpy arrays;
   `input_ids` already holds [CLS] first and [SEP] last). `img_key` (str) and
   keys starting with `_` (`_id`, `_index`, `_target_labels`,
-  `_target_scores`) are bookkeeping for ops and are dropped by the collate
-  step.
+  `_target_scores`, and `_images` for a record of several images) are
+  bookkeeping for ops and are dropped by the collate step.
+* An op may return a list of row dicts instead of the dict: the example
+  then has several rows (`UniterData(rows_per_example=...)`); later ops run
+  on each row (see `apply_ops`).
 * `rng` is a `np.random.Generator` derived from `(seed, epoch, example index)`
   only, so the result does not depend on worker count, host count or order.
   All ops of one example share it, in the order they are listed.
 * `ctx` is an `OpContext`: special ids, `v_range`, and `sample_image` for
   ITM negatives.
 
-Ops are registered by name (`register_op("mlm", fn)`) so configs can name
-them; a pipeline takes a sequence of names or callables.
+Ops are not registered by name: a task declares its ops
+(`uniter_jax.tasks.Task.data_ops`), and a pipeline takes them as a mapping of
+names to callables, or a sequence of callables (named by `__name__`).
 """
 
 from __future__ import annotations
@@ -27,46 +31,20 @@ import numpy as np
 Example = dict[str, Any]
 Op = Callable[[Example, np.random.Generator, "OpContext"], Example]
 
-_REGISTRY: dict[str, Op] = {}
-
-
-def register_op(name: str, fn: Op | None = None, *, overwrite: bool = False):
-  """Registers `fn` under `name`; usable as a decorator `@register_op(name)`."""
-  def _add(f: Op) -> Op:
-    if name in _REGISTRY and _REGISTRY[name] is not f and not overwrite:
-      raise ValueError(f"op {name!r} is already registered")
-    _REGISTRY[name] = f
-    return f
-  return _add if fn is None else _add(fn)
-
-
-def get_op(name: str) -> Op:
-  try:
-    return _REGISTRY[name]
-  except KeyError:
-    raise KeyError(f"unknown data op {name!r}; registered: "
-                   f"{sorted(_REGISTRY)}") from None
-
-
-def registered_ops() -> list[str]:
-  return sorted(_REGISTRY)
-
-
-def resolve_ops(ops: Sequence[str | Op] | Mapping[str, Op] | None
+def resolve_ops(ops: Sequence[Op] | Mapping[str, Op] | None
                 ) -> list[tuple[str, Op]]:
-  """Names and callables of `ops` (names are looked up in the registry)."""
+  """(name, callable) pairs of `ops`."""
   if ops is None:
     return []
   if isinstance(ops, Mapping):
     return [(str(k), v) for k, v in ops.items()]
   out = []
   for op in ops:
-    if isinstance(op, str):
-      out.append((op, get_op(op)))
-    elif callable(op):
+    if callable(op):
       out.append((getattr(op, "__name__", repr(op)), op))
     else:
-      raise TypeError(f"data op must be a name or a callable, got {op!r}")
+      raise TypeError(f"data op must be a callable (a task's op), got "
+                      f"{op!r}")
   return out
 
 
@@ -120,11 +98,32 @@ def example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 
 
 def apply_ops(example: Example, ops: Sequence[tuple[str, Op]],
-              rng: np.random.Generator, ctx: OpContext) -> Example:
+              rng: np.random.Generator, ctx: OpContext
+              ) -> Example | list[Example]:
+  """Runs `ops` in order on one example.
+
+  An op may return a list of row dicts instead of one dict (an example of
+  several rows, e.g. one row per image of an NLVR2 pair); the ops after it
+  then run on each of those rows in turn, all with the example's `rng`,
+  so a later op (e.g. masking) needs no knowledge of how rows were made.
+  Returns the dict, or the list of row dicts.
+  """
   for name, op in ops:
-    out = op(example, rng, ctx)
-    if not isinstance(out, dict):
-      raise TypeError(f"data op {name!r} returned {type(out).__name__}, "
-                      "expected the example dict")
+    if isinstance(example, list):
+      out = [op(row, rng, ctx) for row in example]
+      bad = [type(o).__name__ for o in out if not isinstance(o, dict)]
+      if bad:
+        raise TypeError(f"data op {name!r} returned {bad[0]} for a row of a "
+                        "multi-row example, expected the row dict")
+    else:
+      out = op(example, rng, ctx)
+      if isinstance(out, (list, tuple)):
+        out = list(out)
+        if not out or not all(isinstance(o, dict) for o in out):
+          raise TypeError(f"data op {name!r} returned a {type(out).__name__}"
+                          " that is not a non-empty list of row dicts")
+      elif not isinstance(out, dict):
+        raise TypeError(f"data op {name!r} returned {type(out).__name__}, "
+                        "expected the example dict (or a list of row dicts)")
     example = out
   return example

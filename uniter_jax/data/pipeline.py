@@ -15,28 +15,49 @@ every step (as global `jax.Array` batches need), their rows partition the
 global batch, and a resumed run continues from a step counter. The iterator is
 grain's (`grain.MapDataset` over steps, read with prefetch threads); its state
 is a small JSON-able dict.
+
+Downstream tasks use the same path: an example may have several rows (an
+NLVR2 pair: `rows_per_example=2`, made by a task op from a record's
+images), batch ops run on each collated batch, the batch is checked against
+the task's declared fields (`contract.check_batch`), and `exact_batches`
+visits every example exactly once for evaluation.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import json
 import logging
+import math
 import threading
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import grain
 import numpy as np
 
-from data_prep import schema
 from uniter_jax.data import buckets as bk
 from uniter_jax.data import collate as collate_lib
+from uniter_jax.data import contract
 from uniter_jax.data import ops as ops_lib
+from uniter_jax.data import schema
 from uniter_jax.data import sources
+
+BatchOp = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 # Upper bound on steps of an endless iterator (grain needs a length).
 _ENDLESS_EPOCHS = 1 << 20
+
+
+def _resolve_batch_ops(batch_ops) -> list[tuple[str, BatchOp]]:
+  out = []
+  for fn in batch_ops or ():
+    if not callable(fn):
+      raise TypeError(f"batch op must be a callable batch -> batch, got "
+                      f"{fn!r}")
+    out.append((getattr(fn, "__name__", repr(fn)), fn))
+  return out
 
 
 def _host_defaults(shard_index, shard_count):
@@ -58,8 +79,11 @@ class UniterData:
     split: text split, e.g. "train".
     token_budget: max tokens (incl. padding) per GLOBAL batch: the official
       per-GPU `train_batch_size` times the number of data-parallel devices.
-    batch_multiple: every global batch size is a multiple of this (use the
-      data-parallel device count); must be a multiple of `shard_count`.
+      It counts every row: an example of `rows_per_example` rows costs
+      `rows_per_example * (Lt + Li)`.
+    batch_multiple: every global batch size (in rows) is a multiple of this
+      (use the data-parallel device count); must be a multiple of
+      `shard_count`. Batch sizes are also multiples of `rows_per_example`.
     max_buckets, target_padding, length_multiple: see
       `buckets.choose_buckets` (ignored when `buckets` is given). Shapes are
       added until padding is at most `target_padding` (10%) or there are
@@ -79,6 +103,20 @@ class UniterData:
     ops: per-example task ops (names in the registry or callables).
     op_params: hyper-parameters the ops read from their context, e.g.
       {"mlm_prob": 0.15, "itm_neg_prob": 0.5}.
+    rows_per_example: rows of the batch per example (1: one row each; NLVR2
+      paired: 2). With more than one, the ops must turn each example into a
+      list of that many row dicts; the rows of an example are adjacent in
+      the batch (example-major), and a bucket's batch size counts rows.
+    row_regions: how a record of several images sets the region count the
+      length index uses: "max" (each row holds one image), "sum" (one row
+      holds them all) or a callable of the images' counts (see
+      `TextSource.num_bbs`). Records of one image: their image's count.
+    fields: the batch contract of this data (`contract.Field`s, e.g.
+      `contract.BASE_FIELDS` plus a task's fields): collate pads by it and
+      every batch is checked against it (`contract.check_batch`). Default:
+      the base and pretraining fields, not checked.
+    batch_ops: callables `batch -> batch` run in order on each collated
+      batch (in the iterator's threads), before the check.
     seed: data seed (shuffling and per-example RNG).
     shard_index, shard_count: this host and the host count (default
       `jax.process_index()` / `jax.process_count()`).
@@ -102,7 +140,11 @@ class UniterData:
                seed: int = 0,
                shard_index: int | None = None,
                shard_count: int | None = None,
-               image_store: str | None = None):
+               image_store: str | None = None,
+               rows_per_example: int = 1,
+               row_regions: str | Callable[[np.ndarray], int] = "max",
+               fields: Sequence[contract.Field] | None = None,
+               batch_ops: Sequence[BatchOp] = ()):
     self.shard_index, self.shard_count = _host_defaults(shard_index,
                                                         shard_count)
     if batch_multiple % self.shard_count:
@@ -111,6 +153,18 @@ class UniterData:
     self.seed = int(seed)
     self.ops = ops_lib.resolve_ops(ops)
     self.op_params = dict(op_params or {})
+    self.rows_per_example = int(rows_per_example)
+    if self.rows_per_example < 1:
+      raise ValueError(f"rows_per_example must be >= 1, got "
+                       f"{rows_per_example}")
+    if self.rows_per_example > 1 and not self.ops:
+      raise ValueError(f"{text}: rows_per_example={self.rows_per_example} "
+                       "needs task ops that turn an example into its rows")
+    self.row_regions = row_regions
+    self.fields = None if fields is None else tuple(fields)
+    if self.fields is not None:
+      contract.field_table(self.fields)   # refuse a bad table up front
+    self.batch_ops = _resolve_batch_ops(batch_ops)
     meta = schema.read_meta(schema.builder_dir(data_dir, text))
     store_name = image_store or meta.get("img_store")
     if not store_name:
@@ -124,15 +178,18 @@ class UniterData:
     self.name = self.text.name
     self.dropped = collections.Counter(self.text.dropped)
     self.txt_lens = self.text.txt_lens
-    self.num_bbs = self.text.num_bbs()
+    self.num_bbs = self.text.num_bbs(row_regions)
 
+    # Batch sizes count rows: a multiple of the device count and of the rows
+    # of one example (the same as batch_multiple for one-row examples).
+    row_multiple = math.lcm(batch_multiple, self.rows_per_example)
     if buckets is None:
       self.buckets = bk.choose_buckets(
-          self.txt_lens, self.num_bbs, token_budget, batch_multiple,
+          self.txt_lens, self.num_bbs, token_budget, row_multiple,
           max_buckets=max_buckets, target_padding=target_padding,
           length_multiple=length_multiple)
     else:
-      self.buckets = _explicit_buckets(buckets, token_budget, batch_multiple)
+      self.buckets = _explicit_buckets(buckets, token_budget, row_multiple)
     self.assignment = bk.assign_buckets(self.txt_lens, self.num_bbs,
                                         self.buckets)
     no_fit = int((self.assignment < 0).sum())
@@ -144,9 +201,19 @@ class UniterData:
       if b.batch_size % self.shard_count:
         raise ValueError(f"bucket {b} batch size is not a multiple of the "
                          f"host count {self.shard_count}")
+      if (b.batch_size // self.rows_per_example) % self.shard_count:
+        raise ValueError(
+            f"bucket {b}: its {b.batch_size // self.rows_per_example} "
+            f"examples of {self.rows_per_example} rows do not split over "
+            f"{self.shard_count} hosts; make batch_multiple a multiple of "
+            "rows_per_example * host count")
+    # What the epoch plans cut: batches of examples (rows / rows_per_example).
+    self._plan_buckets = self.buckets if self.rows_per_example == 1 else [
+        bk.Bucket(b.max_txt, b.max_img, b.batch_size // self.rows_per_example)
+        for b in self.buckets]
 
     # ITM negatives: images of this split, sorted by region count.
-    imgs = np.unique(self.text.img_index)
+    imgs = np.unique(self.text.img_indices)
     nbb = self.store.num_bbs(imgs)
     order = np.argsort(nbb, kind="stable")
     self._neg_images, self._neg_nbb = imgs[order], nbb[order]
@@ -158,30 +225,39 @@ class UniterData:
     self._plans: collections.OrderedDict[int, bk.EpochPlan] = (
         collections.OrderedDict())
     self._lock = threading.Lock()
+    self._exact: list[tuple[int, np.ndarray, int]] | None = None
+    # 0 when the split is smaller than one batch: training then refuses it
+    # (`global_batch`), but `exact_batches` still serves it.
     self.batches_per_epoch = len(self.plan(0).batches)
-    if self.batches_per_epoch == 0:
-      raise ValueError(f"{self.name}: {len(self.text)} examples make no full "
-                       f"batch with buckets {self.buckets}")
 
   # -- planning ---------------------------------------------------------------
   def plan(self, epoch: int) -> bk.EpochPlan:
     """The (cached) plan of an epoch; identical on every host."""
     with self._lock:
       if epoch not in self._plans:
-        self._plans[epoch] = bk.plan_epoch(self.assignment, self.buckets,
-                                           self.seed, epoch)
+        self._plans[epoch] = bk.plan_epoch(self.assignment,
+                                           self._plan_buckets, self.seed,
+                                           epoch)
         while len(self._plans) > 2:
           self._plans.popitem(last=False)
       return self._plans[epoch]
 
+  def _need_batches(self) -> None:
+    if self.batches_per_epoch == 0:
+      raise ValueError(f"{self.name}: {len(self.text)} examples make no full "
+                       f"batch with buckets {self.buckets}")
+
   def global_batch(self, step: int) -> tuple[bk.Bucket, np.ndarray]:
-    """Shape and example indices of global batch `step` (all hosts' rows)."""
+    """Shape and example indices of global batch `step` (all hosts'
+    examples; `rows_per_example` rows each)."""
+    self._need_batches()
     epoch, pos = divmod(int(step), self.batches_per_epoch)
     p = self.plan(epoch)
     return self.buckets[int(p.bucket_ids[pos])], p.batches[pos]
 
   def host_rows(self, step: int) -> tuple[bk.Bucket, np.ndarray]:
-    """Shape and example indices of this host's slice of batch `step`."""
+    """Shape and example indices of this host's slice of batch `step` (its
+    rows when `rows_per_example` is 1)."""
     bucket, idx = self.global_batch(step)
     per_host = len(idx) // self.shard_count
     return bucket, idx[self.shard_index * per_host:
@@ -193,7 +269,14 @@ class UniterData:
         "text": self.name, "seed": self.seed, "n": len(self.text),
         "buckets": [[b.max_txt, b.max_img, b.batch_size]
                     for b in self.buckets],
-        "ops": [n for n, _ in self.ops], "op_params": self.op_params},
+        "ops": [n for n, _ in self.ops], "op_params": self.op_params,
+        # Only when set, so that states saved before these existed resume.
+        # (Batch ops and fields change no example's place: not included.)
+        **({"rows_per_example": self.rows_per_example}
+           if self.rows_per_example != 1 else {}),
+        **({"row_regions": getattr(self.row_regions, "__name__",
+                                   self.row_regions)}
+           if self.text.max_images > 1 else {})},
         sort_keys=True, default=str)
     return hashlib.sha1(desc.encode()).hexdigest()[:16]
 
@@ -222,8 +305,10 @@ class UniterData:
 
   def example(self, index: int, epoch: int,
               bucket: bk.Bucket | None = None,
-              img_feat_out: np.ndarray | None = None) -> dict[str, Any]:
-    """Joined example `index` after the task ops of `epoch`
+              img_feat_out: np.ndarray | None = None
+              ) -> dict[str, Any] | list[dict[str, Any]]:
+    """Joined example `index` after the task ops of `epoch`: its dict, or
+    the list of its row dicts when an op made several rows
     (`img_feat_out`: see `ImageStore.load`)."""
     ex = self.text.example(index, img_feat_out=img_feat_out)
     if self.ops:
@@ -233,33 +318,135 @@ class UniterData:
       ex = ops_lib.apply_ops(ex, self.ops, rng, self.context(bucket))
     return ex
 
-  def load_batch(self, step: int) -> dict[str, np.ndarray]:
-    """This host's rows of batch `step`, padded to the step's bucket."""
-    bucket, rows = self.host_rows(step)
-    epoch = int(step) // self.batches_per_epoch
+  def example_rows(self, index: int, epoch: int,
+                   bucket: bk.Bucket | None = None,
+                   img_feat_out: np.ndarray | None = None
+                   ) -> list[dict[str, Any]]:
+    """The `rows_per_example` row dicts of example `index` (see `example`).
+    """
+    ex = self.example(index, epoch, bucket, img_feat_out)
+    rows = ex if isinstance(ex, list) else [ex]
+    if len(rows) != self.rows_per_example:
+      rid = rows[0].get("_id", index) if rows else index
+      raise ValueError(f"{self.name}: example {rid!r} (kept record {index}) "
+                       f"has {len(rows)} rows after the task ops; "
+                       f"rows_per_example={self.rows_per_example}")
+    return rows
+
+  def _collate(self, bucket: bk.Bucket, indices: np.ndarray,
+               epoch: int) -> dict[str, np.ndarray]:
+    """Rows of the examples `indices` (repeats allowed) padded to `bucket`."""
     if self.ops:
       arena = None
-      if self.img_feat_dtype == np.float32:
+      if (self.img_feat_dtype == np.float32
+          and self.text.max_images == 1):
         # The examples' fp32 features are views of one array: a single large
         # (huge-page backed) allocation instead of one fresh one per example.
-        arena = self._pool.empty((len(rows), bucket.max_img,
+        arena = self._pool.empty((len(indices), bucket.max_img,
                                   schema.FEAT_DIM), np.float32)
-      examples = [self.example(int(i), epoch, bucket,
-                               None if arena is None else arena[r])
-                  for r, i in enumerate(rows)]
+      rows = []
+      made: dict[int, list[dict[str, Any]]] = {}
+      for r, i in enumerate(indices):
+        i = int(i)
+        if i not in made:   # a repeat (exact batches' padding) is reused
+          made[i] = self.example_rows(i, epoch, bucket,
+                                      None if arena is None else arena[r])
+        rows.extend(made[i])
     else:
       # No op sees the examples: keep the stored fp16 features (checked
       # finite by the store) and let collate cast them straight into the
       # padded batch (same values, one pass less over the largest array).
-      examples = [self.text.example(int(i), np.float16) for i in rows]
-    return collate_lib.collate(examples, bucket,
+      rows = [self.text.example(int(i), np.float16) for i in indices]
+    return collate_lib.collate(rows, bucket,
                                img_feat_dtype=self.img_feat_dtype,
-                               fp16_checked=not self.ops, pool=self._pool)
+                               fp16_checked=not self.ops, pool=self._pool,
+                               fields=self.fields,
+                               rows_per_example=self.rows_per_example)
+
+  def _finish(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Batch ops, then the contract check (when fields were declared)."""
+    for name, fn in self.batch_ops:
+      batch = fn(batch)
+      if not isinstance(batch, dict):
+        raise TypeError(f"{self.name}: batch op {name!r} returned "
+                        f"{type(batch).__name__}, expected the batch dict")
+    if self.fields is not None:
+      contract.check_batch(batch, self.fields, where=self.name,
+                           rows_per_example=self.rows_per_example)
+    return batch
+
+  def load_batch(self, step: int) -> dict[str, np.ndarray]:
+    """This host's rows of batch `step`, padded to the step's bucket."""
+    bucket, rows = self.host_rows(step)
+    epoch = int(step) // self.batches_per_epoch
+    return self._finish(self._collate(bucket, rows, epoch))
+
+  # -- exact evaluation -------------------------------------------------------
+  def exact_plan(self) -> list[tuple[int, np.ndarray, int]]:
+    """The global batches of `exact_batches`: (bucket id, example indices,
+    number of real examples) each.
+
+    Shape by shape (in `buckets` order), the examples of that shape in index
+    order, cut into batches of the shape's size; the last batch of a shape
+    is filled up with copies of its first example. Every kept example that
+    fits a shape is in exactly one batch. Identical on every host.
+    """
+    with self._lock:
+      if self._exact is None:
+        plan = []
+        for k, pb in enumerate(self._plan_buckets):
+          idx = np.flatnonzero(self.assignment == k)
+          for lo in range(0, len(idx), pb.batch_size):
+            part = idx[lo:lo + pb.batch_size]
+            real = len(part)
+            if real < pb.batch_size:
+              part = np.concatenate(
+                  [part, np.full(pb.batch_size - real, part[0], part.dtype)])
+            plan.append((k, part, real))
+        self._exact = plan
+      return self._exact
+
+  def load_exact_batch(self, index: int, epoch: int = 0
+                       ) -> dict[str, np.ndarray]:
+    """This host's rows of exact batch `index` (see `exact_batches`)."""
+    k, part, real = self.exact_plan()[int(index)]
+    per_host = len(part) // self.shard_count
+    lo = self.shard_index * per_host
+    idx = part[lo:lo + per_host]
+    valid = np.arange(lo, lo + per_host) < real
+    batch = self._collate(self.buckets[k], idx, epoch)
+    batch["example_mask"] = np.repeat(valid, self.rows_per_example)
+    batch["example_index"] = np.repeat(
+        np.where(valid, idx, -1).astype(np.int64), self.rows_per_example)
+    return self._finish(batch)
+
+  def exact_batches(self, epoch: int = 0, num_threads: int = 2,
+                    prefetch: int = 4) -> Iterator[dict[str, np.ndarray]]:
+    """This host's batches visiting every kept example exactly once.
+
+    For evaluation: unlike the training iterator, nothing is shuffled,
+    carried or dropped. Batches follow `exact_plan` (shape by shape, index
+    order within a shape) and keep the training shapes and batch sizes
+    (multiples of `batch_multiple`, split over hosts as `load_batch`); the
+    last batch of each shape is padded with copies of a real example.
+    Each batch also holds `example_mask` [B] bool (False on padding rows,
+    alike for all rows of an example) and `example_index` [B] int64 (the
+    kept-record index, -1 on padding), so metrics can drop the padding and
+    predictions can be matched to records (`text.records`, `text.example`).
+    Task ops run with the per-example RNG of `epoch` (deterministic).
+    `len(exact_plan())` batches; read with grain's threads.
+    """
+    n = len(self.exact_plan())
+    ds = grain.MapDataset.range(n).map(
+        functools.partial(self.load_exact_batch, epoch=epoch))
+    return iter(ds.to_iter_dataset(grain.ReadOptions(
+        num_threads=num_threads, prefetch_buffer_size=prefetch)))
 
   # -- iteration --------------------------------------------------------------
   def iterator(self, num_epochs: int | None = None, num_threads: int = 2,
                prefetch: int = 4) -> "DataIterator":
     """A checkpointable iterator over this host's batches."""
+    self._need_batches()
     total = self.batches_per_epoch * (num_epochs or _ENDLESS_EPOCHS)
     ds = grain.MapDataset.range(total).map(self.load_batch)
     it = ds.to_iter_dataset(grain.ReadOptions(
@@ -267,9 +454,9 @@ class UniterData:
     return DataIterator(self, iter(it))
 
   def stats(self, epoch: int = 0) -> dict[str, Any]:
-    """Padding and drop counts of an epoch's plan."""
+    """Padding and drop counts of an epoch's plan (counted in examples)."""
     p = self.plan(epoch)
-    out = bk.padding_stats(self.txt_lens, self.num_bbs, p, self.buckets)
+    out = bk.padding_stats(self.txt_lens, self.num_bbs, p, self._plan_buckets)
     out["dropped_at_load"] = dict(self.dropped)
     out["dropped_remainder"] = out.pop("dropped")
     out["buckets"] = [(b.max_txt, b.max_img, b.batch_size)

@@ -13,31 +13,25 @@ feature and (optionally) the detector soft labels, from the store's
 longer than `max_txt_len` (counted, as the official `TxtTokLmdb` does),
 resolves every record's image key up front, so a key missing from the store
 is an error at start-up, not mid-epoch, and keeps the kept records' fields
-in flat arrays.
+in flat arrays. A text record may name several images (NLVR2: two); the
+first one is the example's image, the others come along in `_images`.
 
-Schema: `data_prep/schema.py`.
+Schema: `uniter_jax/data/schema.py` (shared with the data_prep writer).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from data_prep import schema
 import numpy as np
 
 from uniter_jax.data import arrayrecord
+from uniter_jax.data import schema
 
-
-class DataError(ValueError):
-  """Bad input found while reading: names the dataset, record and problem."""
-
-  def __init__(self, dataset: str, record_id: Any, problem: str):
-    self.dataset = dataset
-    self.record_id = record_id
-    self.problem = problem
-    super().__init__(f"{dataset}: record {record_id!r}: {problem}")
+# Bad input, found while reading or while writing (one type for both).
+DataError = schema.DataError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -515,10 +509,18 @@ class ImageStore:
 class TextSource:
   """One split of a text dataset, joined to its image store by key.
 
+  A record names one image or more (`img_keys`; NLVR2 pairs name two,
+  retrieval or VCR variants more). Every key is resolved at start-up.
+
   Attributes:
     records: indices (into the TFDS split) of the kept records.
     txt_lens: per kept record, text length INCLUDING [CLS] and [SEP].
-    img_index: per kept record, the image-store index of its image.
+    img_index: per kept record, the image-store index of its FIRST image
+      (the example's image; ITM negatives and evaluators use it).
+    img_offsets, img_indices: every image of every kept record, ragged:
+      record i's images are `img_indices[img_offsets[i]:img_offsets[i+1]]`
+      (`images_of(i)`), in the record's key order.
+    num_images: per kept record, how many images it names.
     dropped: {reason: count} of records left out.
   """
 
@@ -541,6 +543,7 @@ class TextSource:
     # records' fields are kept in flat arrays, so an example costs no read.
     records, lens, imgs, ids, targets = [], [], [], [], []
     tokens, labels, scores, n_labels = [], [], [], []
+    all_imgs, n_imgs = [], []
     too_long = 0
     for i, rec in self._source.iter_fields(_TEXT_FIELDS):
       n = len(rec["input_ids"])
@@ -549,15 +552,20 @@ class TextSource:
         continue
       keys = rec["img_keys"]
       rid = rec["id"].decode()
-      if len(keys) != 1:
-        raise DataError(self.name, rid, f"{len(keys)} image keys; this "
-                        "pipeline joins exactly one image per text")
+      if not keys:
+        raise DataError(self.name, rid, "no image key; a text record must "
+                        "name at least one image")
       if len(rec["target_labels"]) != len(rec["target_scores"]):
         raise DataError(self.name, rid, "target_labels and target_scores "
                         "differ in length")
       records.append(i)
       lens.append(n + 2)
-      imgs.append(store.index_of(keys[0].decode(), self.name, rid))
+      first = store.index_of(keys[0].decode(), self.name, rid)
+      imgs.append(first)
+      all_imgs.append(first)
+      all_imgs.extend(store.index_of(k.decode(), self.name, rid)
+                      for k in keys[1:])
+      n_imgs.append(len(keys))
       ids.append(rec["id"])
       targets.append(rec["target"])
       tokens.append(rec["input_ids"])
@@ -567,6 +575,10 @@ class TextSource:
     self.records = np.asarray(records, np.int64)
     self.txt_lens = np.asarray(lens, np.int32)
     self.img_index = np.asarray(imgs, np.int64)
+    self.num_images = np.asarray(n_imgs, np.int64)
+    self.img_offsets = np.concatenate([[0], np.cumsum(self.num_images)]
+                                      ).astype(np.int64)
+    self.img_indices = np.asarray(all_imgs, np.int64)
     self._ids = np.asarray(ids, dtype=np.bytes_)
     self._targets = np.asarray(targets, np.int64)
     self._tok_off = np.concatenate([[0], np.cumsum(self.txt_lens - 2)])
@@ -587,15 +599,53 @@ class TextSource:
   def __len__(self) -> int:
     return len(self.records)
 
-  def num_bbs(self) -> np.ndarray:
-    """Regions per kept record (after the num_bb rule)."""
-    return self.store.num_bbs(self.img_index)
+  @property
+  def max_images(self) -> int:
+    """The most images any kept record names (1 for caption datasets)."""
+    return int(self.num_images.max())
+
+  def images_of(self, i: int) -> np.ndarray:
+    """Image-store indices of every image of kept record `i`, in order."""
+    return self.img_indices[self.img_offsets[i]:self.img_offsets[i + 1]]
+
+  def num_bbs(self, row_regions: str | Callable[[np.ndarray], int] = "max"
+              ) -> np.ndarray:
+    """Regions per kept record (after the num_bb rule).
+
+    For a record of several images the length index needs one count:
+    `row_regions` says how its images' counts combine into the regions of
+    one row: "max" when each row holds one of the images (NLVR2 paired),
+    "sum" when one row holds all of them concatenated (NLVR2 triplet), or
+    a callable mapping the images' counts to the row's.
+    """
+    if self.max_images == 1:
+      return self.store.num_bbs(self.img_index)
+    per_image = self.store.num_bbs(self.img_indices)
+    starts = self.img_offsets[:-1]
+    if row_regions == "max":
+      out = np.maximum.reduceat(per_image, starts)
+    elif row_regions == "sum":
+      out = np.add.reduceat(per_image, starts)
+    elif callable(row_regions):
+      out = [row_regions(per_image[a:b]) for a, b in
+             zip(starts, self.img_offsets[1:])]
+    else:
+      raise ValueError(f"{self.name}: row_regions must be 'max', 'sum' or a "
+                       f"callable, got {row_regions!r}")
+    return np.asarray(out, np.int32)
 
   def example(self, i: int, img_feat_dtype: Any = None,
               img_feat_out: np.ndarray | None = None) -> dict[str, Any]:
     """The joined per-example dict (batch contract) of kept record `i`.
 
-    `img_feat_dtype`, `img_feat_out`: see `ImageStore.load`.
+    The first image's part (`img_feat`, `img_pos_feat`, `img_key`[,
+    `img_soft_labels`]) is in the dict itself, so a one-image record gives
+    exactly the contract's example. A record of k > 1 images also carries
+    `_images`: the k image parts (dicts as `ImageStore.load` returns), in
+    key order; `_images[0]` is the first image's (the same arrays). Task ops
+    decide how they become rows (see docs/data.md).
+
+    `img_feat_dtype`, `img_feat_out`: see `ImageStore.load` (first image).
     """
     i = int(i)
     a, b = self._tok_off[i], self._tok_off[i + 1]
@@ -610,6 +660,11 @@ class TextSource:
     if b > a:
       out["_target_labels"] = self._labels[a:b].copy()
       out["_target_scores"] = self._scores[a:b].copy()
-    out.update(self.store.load(int(self.img_index[i]), img_feat_dtype,
-                               img_feat_out))
+    first = self.store.load(int(self.img_index[i]), img_feat_dtype,
+                            img_feat_out)
+    out.update(first)
+    a, b = self.img_offsets[i], self.img_offsets[i + 1]
+    if b - a > 1:
+      out["_images"] = [first] + [self.store.load(int(j), img_feat_dtype)
+                                  for j in self.img_indices[a + 1:b]]
     return out

@@ -1,8 +1,10 @@
-"""The on-disk schema shared by data_prep (writer) and uniter_jax.data.
+"""The on-disk schema: what the data_prep tool writes and the pipeline reads.
 
-This module is the single source of truth for what a built dataset holds. It
-imports neither TensorFlow nor the builders, so the input pipeline can use it
-cheaply. Two kinds of TFDS datasets exist:
+This module is the single source of truth for what a built dataset holds.
+It lives in the library, not in the data_prep tool, because both sides need
+it and the library must not depend on the tool: the writer (`data_prep`)
+imports it from here. It imports neither TensorFlow nor the builders, so the
+input pipeline can use it cheaply. Two kinds of TFDS datasets exist:
 
 * An **image store**: one dataset per feature source (e.g. one official
   `img_db`, one BUTD TSV set, the synthetic images). One record per image,
@@ -16,7 +18,8 @@ cheaply. Two kinds of TFDS datasets exist:
   `soft_labels` is empty. Stores whose source has no soft labels
   (`has_soft_labels: false`) have no such split.
 * A **text dataset**: one per task db. Records refer to images by key
-  (`img_keys`), so an image shared by five captions is stored once.
+  (`img_keys`, one or more per record), so an image shared by five captions
+  is stored once.
 
 Regions are stored as the source has them (or as the official db's cut left
 them). Which of them a model sees is decided at read time by
@@ -25,6 +28,9 @@ them). Which of them a model sees is decided at read time by
 Metadata (`tfds` `info.metadata`, a JSON file in the builder directory) is
 readable without TensorFlow through `read_meta`. Keys: see `TEXT_META_KEYS`
 and `IMAGE_META_KEYS`.
+
+Bad data, found by the writer or by the reader, raises `DataError`, which
+names the dataset, the record and the problem.
 """
 from __future__ import annotations
 
@@ -79,8 +85,14 @@ IMAGE_META_KEYS = (
 )
 
 
-class DataPrepError(ValueError):
-  """Bad input data: names the dataset, the record and the problem."""
+class DataError(ValueError):
+  """Bad input data: names the dataset (or file), the record and the problem.
+
+  One type for the whole data path, so that a caller catches bad data the
+  same way whether a builder found it while writing or the pipeline found
+  it while reading. `record_id` is the record's id or key ("*" when the
+  problem concerns the dataset as a whole).
+  """
 
   def __init__(self, dataset: str, record_id: Any, problem: str):
     self.dataset = dataset
@@ -201,49 +213,49 @@ def _same_rule(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
 # Record checks (used by every builder before writing).
 # ----------------------------------------------------------------------------
 def check_image_record(rec: Mapping[str, Any], dataset: str) -> None:
-  """Raises `DataPrepError` unless `rec` is a valid image-store record."""
+  """Raises `DataError` unless `rec` is a valid image-store record."""
   key = rec.get("img_key")
   feats = np.asarray(rec["features"])
   n = feats.shape[0] if feats.ndim == 2 else -1
   if feats.ndim != 2 or feats.shape[1] != FEAT_DIM:
-    raise DataPrepError(dataset, key, f"features shape {feats.shape}, "
-                        f"expected (n, {FEAT_DIM})")
+    raise DataError(dataset, key, f"features shape {feats.shape}, "
+                    f"expected (n, {FEAT_DIM})")
   if n == 0:
-    raise DataPrepError(dataset, key, "zero regions")
+    raise DataError(dataset, key, "zero regions")
   expect = {"norm_bb": (n, BOX_DIM), "conf": (n,),
             "soft_labels": (n, NUM_LABELS)}
   for name, shape in expect.items():
     got = np.shape(rec[name])
     if tuple(got) != shape:
-      raise DataPrepError(dataset, key,
-                          f"{name} shape {tuple(got)}, expected {shape}")
+      raise DataError(dataset, key,
+                      f"{name} shape {tuple(got)}, expected {shape}")
   if int(rec["num_bb"]) != n:
-    raise DataPrepError(dataset, key,
-                        f"num_bb {rec['num_bb']} != stored regions {n}")
+    raise DataError(dataset, key,
+                    f"num_bb {rec['num_bb']} != stored regions {n}")
   for name in ("features", "norm_bb", "conf", "soft_labels"):
     arr = np.asarray(rec[name])
     if not np.all(np.isfinite(arr)):
-      raise DataPrepError(dataset, key, f"{name} holds NaN/inf "
-                          f"(after the fp16 cast for features/soft_labels)")
+      raise DataError(dataset, key, f"{name} holds NaN/inf "
+                      f"(after the fp16 cast for features/soft_labels)")
 
 
 def check_text_record(rec: Mapping[str, Any], dataset: str,
                       vocab_size: int) -> None:
-  """Raises `DataPrepError` unless `rec` is a valid text record."""
+  """Raises `DataError` unless `rec` is a valid text record."""
   rid = rec.get("id")
   ids = np.asarray(rec["input_ids"])
   if ids.ndim != 1 or ids.size == 0:
-    raise DataPrepError(dataset, rid, f"input_ids must be a non-empty 1-d "
-                        f"array, got shape {ids.shape}")
+    raise DataError(dataset, rid, f"input_ids must be a non-empty 1-d "
+                    f"array, got shape {ids.shape}")
   if ids.min() < 0 or ids.max() >= vocab_size:
-    raise DataPrepError(dataset, rid, f"token id out of range [0, "
-                        f"{vocab_size}): min {ids.min()} max {ids.max()}")
+    raise DataError(dataset, rid, f"token id out of range [0, "
+                    f"{vocab_size}): min {ids.min()} max {ids.max()}")
   keys = list(rec["img_keys"])
   if not keys or not all(isinstance(k, str) and k for k in keys):
-    raise DataPrepError(dataset, rid, f"bad img_keys {keys!r}")
+    raise DataError(dataset, rid, f"bad img_keys {keys!r}")
   if np.shape(rec["target_labels"]) != np.shape(rec["target_scores"]):
-    raise DataPrepError(dataset, rid, "target_labels and target_scores "
-                        "differ in length")
+    raise DataError(dataset, rid, "target_labels and target_scores "
+                    "differ in length")
 
 
 # ----------------------------------------------------------------------------
