@@ -388,7 +388,7 @@ def load_flax(src_dir: str | os.PathLike[str]) -> tuple[dict, dict]:
 
 def load_checkpoint(path: str | os.PathLike[str], task: str, *,
                     model_config=None, scan_layers: bool | None = None,
-                    **model_overrides):
+                    shardings=None, **model_overrides):
   """`(model, params)` from an official state_dict file or a converted dir.
 
   Args:
@@ -400,6 +400,11 @@ def load_checkpoint(path: str | os.PathLike[str], task: str, *,
       when None); ignored for a converted dir, which records its own.
     scan_layers: the params layout to return; default: as stored (a
       state_dict gives the per-layer layout).
+    shardings: where the params go: a pytree of `jax.sharding.Sharding`
+      matching the returned params (layout included), or one Sharding for
+      every leaf. Each leaf goes from host numpy straight to its shards, so
+      the whole tree is never materialised on one device. None (default):
+      every leaf on the default device.
     **model_overrides: model config fields that change how it computes
       (dtype, remat_policy, attention_impl).
   """
@@ -431,8 +436,63 @@ def load_checkpoint(path: str | os.PathLike[str], task: str, *,
   cfg.update(model_overrides)
   cfg["scan_layers"] = bool(scan_layers)
   model = um.build_model(task, cfg, **head_kwargs)
-  params = jax.tree_util.tree_map(jax.numpy.asarray, params)
+  if shardings is None:
+    params = jax.tree_util.tree_map(jax.numpy.asarray, params)
+  else:
+    params = place_params(params, shardings, source=path)
   return model, params
+
+
+def place_params(params, shardings, *, source: str = "params"):
+  """Puts each leaf of `params` onto its Sharding, one leaf at a time.
+
+  Why leaf-wise from the host: `tree_map(jnp.asarray, params)` first puts
+  the whole model on one device, which a model sharded because it does not
+  fit one device cannot afford; `jax.device_put(numpy_leaf, sharding)` sends
+  each device only its shard.
+
+  Args:
+    params: a pytree of numpy arrays (or jax arrays, which are moved).
+    shardings: a pytree of `jax.sharding.Sharding` with the structure of
+      `params`, or one Sharding for every leaf.
+    source: names the params in errors.
+  """
+  if isinstance(shardings, jax.sharding.Sharding):
+    return jax.tree_util.tree_map(lambda x: _place(x, shardings), params)
+  p_def = jax.tree_util.tree_structure(params)
+  s_leaves, s_def = jax.tree_util.tree_flatten(
+      shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+  if s_def != p_def:
+    p_paths = {jax.tree_util.keystr(k) for k, _ in
+               jax.tree_util.tree_flatten_with_path(params)[0]}
+    s_paths = {jax.tree_util.keystr(k) for k, _ in
+               jax.tree_util.tree_flatten_with_path(
+                   shardings, is_leaf=lambda x: isinstance(
+                       x, jax.sharding.Sharding))[0]}
+    extra = sorted(s_paths - p_paths)[:5]
+    lacking = sorted(p_paths - s_paths)[:5]
+    raise ValueError(
+        f"{source}: `shardings` does not match the params tree (shardings "
+        f"lack {lacking or 'nothing'}, have extra {extra or 'nothing'}); "
+        "expected one Sharding per param, for the same layout (scanned or "
+        "per-layer)")
+  bad = [type(s).__name__ for s in s_leaves
+         if not isinstance(s, jax.sharding.Sharding)]
+  if bad:
+    raise ValueError(f"{source}: `shardings` leaves must be "
+                     f"jax.sharding.Sharding, found {sorted(set(bad))}")
+  leaves = [_place(x, s) for x, s in zip(jax.tree_util.tree_leaves(params),
+                                         s_leaves)]
+  return jax.tree_util.tree_unflatten(p_def, leaves)
+
+
+def _place(x, sharding: "jax.sharding.Sharding"):
+  if isinstance(x, jax.Array) or sharding.is_fully_addressable:
+    return jax.device_put(x, sharding)
+  # Multi-process: every process holds the same host value; each one
+  # builds only the shards of its own devices.
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])
 
 
 # --------------------------------------------------------------------------
