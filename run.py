@@ -9,7 +9,12 @@ optional `:arg` variant; any field can be overridden with
 `--config.<field>=<value>`, and a field that does not exist is an error.
 `config.mode` chooses what runs: "train" (resumes by itself from a
 checkpoint in the workdir) or "eval" (evaluates the workdir's latest
-checkpoint).
+checkpoint). Unknown variants are an error that lists the file's known ones
+(docs/training.md).
+
+Before training, a config that names a synthetic preset
+(`config.data.synthetic`) gets that corpus built into `config.data.data_dir`
+here, by data_prep: the uniter_jax library only reads datasets.
 """
 
 import logging
@@ -32,8 +37,15 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.getLogger().setLevel(logging.INFO)
-  from uniter_jax import train  # pylint: disable=g-import-not-at-top
-  result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  # pylint: disable=g-import-not-at-top
+  from data_prep import prepare
+  from uniter_jax import train
+  # pylint: enable=g-import-not-at-top
+  config = _CONFIG.value
+  # Every process of a multi-process run calls this; the build lock makes
+  # one of them build and the others accept its build.
+  prepare.ensure_synthetic(config)
+  result = train.train_and_evaluate(config, _WORKDIR.value)
   if result:
     print("final evaluation:")
     for k in sorted(result):

@@ -4,9 +4,14 @@ Every field is documented here once; the per-setup files in `configs/`
 only change what their official JSON config changes. Any field can be
 overridden on the command line (`--config.train.learning_rate=1e-4`); the
 config is locked, so a misspelt field is an error.
+
+Variants (`--config configs/X.py:large,runlocal`) are parsed by `parse_arg`
+here, so every file accepts the same syntax and rejects the same mistakes.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import ml_collections
 
@@ -32,6 +37,84 @@ LOGICAL_AXIS_RULES = (
     ("img_feat", None),
     ("layers", None),
 )
+
+
+# Spellings accepted for a boolean `key=value` variant.
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """Parses a config file's variant string (`file.py:<arg>`) against defaults.
+
+  `arg` is a comma-separated list of bare words and `key=value` pairs, e.g.
+  "runlocal" or "large,runlocal". A bare word sets a boolean default to
+  True; `key=value` converts `value` to the type of `defaults[key]` (bool
+  takes true/false, 1/0, yes/no, on/off; int, float and str as Python
+  converts them). None or "" gives the defaults.
+
+  Why: comparing `arg` by hand let a misspelt variant (`:runlcoal`) fall
+  through to the default config and run hours of the wrong thing, and could
+  not combine variants. Here an unknown word or key, a bare word whose
+  default is not a bool, or a value that does not convert raises ValueError
+  listing the known variants, before anything runs.
+
+  Args:
+    arg: the text after ':' in `--config`, or None when there is none.
+    **defaults: every variant the file knows, with its default value (bool,
+      int, float or str).
+
+  Returns:
+    A locked ConfigDict of every default, updated from `arg`; a misspelt
+    attribute read in the config file is an error too.
+  """
+  for key, value in defaults.items():
+    if not isinstance(value, (bool, int, float, str)):
+      raise TypeError(f"parse_arg default {key}={value!r}: expected a bool, "
+                      "int, float or str")
+  out = ml_collections.ConfigDict(defaults)
+  for item in (arg or "").split(","):
+    item = item.strip()
+    if not item:
+      continue
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if key not in defaults:
+      where = f" in {arg!r}" if item != arg.strip() else ""
+      raise ValueError(f"unknown config variant {item!r}{where}; known "
+                       f"variants: {_known(defaults)}")
+    default = defaults[key]
+    if not sep:
+      if not isinstance(default, bool):
+        raise ValueError(f"config variant {key!r} needs a value "
+                         f"({key}=<{type(default).__name__}>); known "
+                         f"variants: {_known(defaults)}")
+      out[key] = True
+      continue
+    out[key] = _convert(key, text.strip(), default, defaults)
+  out.lock()
+  return out
+
+
+def _convert(key: str, text: str, default: Any, defaults) -> Any:
+  """`text` as the type of `default`, or a ValueError naming the variant."""
+  try:
+    if isinstance(default, bool):
+      if text.lower() in _TRUE + _FALSE:
+        return text.lower() in _TRUE
+      raise ValueError(text)
+    return type(default)(text)
+  except ValueError:
+    raise ValueError(f"config variant {key}={text!r}: expected a "
+                     f"{type(default).__name__}; known variants: "
+                     f"{_known(defaults)}") from None
+
+
+def _known(defaults) -> str:
+  if not defaults:
+    return "none (this config has no variants)"
+  return ", ".join(k if isinstance(v, bool) else f"{k}=<{type(v).__name__}>"
+                   for k, v in sorted(defaults.items()))
 
 
 def dataset(text: str, val_text: str = "", *, tasks=PRETRAIN_TASKS,
@@ -131,14 +214,36 @@ def base_config() -> ml_collections.ConfigDict:
   # --- logging, evaluation, checkpoints ---------------------------------------
   c.log_every_steps = 100
   c.eval = ml_collections.ConfigDict()
-  c.eval.every_steps = 5000    # official valid_steps
-  c.eval.max_batches = 50      # per (task, dataset); -1: the whole split
-  c.eval.retrieval_images = 0  # >0: zero-shot retrieval on this many images
+  # The schedule of every evaluator that sets no `every_steps` of its own
+  # (official valid_steps).
+  c.eval.every_steps = 5000
+  # Evaluators by type (uniter_jax.evaluators): each entry's `type` names
+  # one, its other fields are options; `every_steps` (None: eval.every_steps)
+  # N > 0 runs it every N updates and after the last, 0 only after the
+  # last, < 0 never.
+  c.evals = ml_collections.ConfigDict()
+  c.evals.val = evaluator("task_metrics", max_batches=50)  # -1: whole split
+  c.evals.loss_curves = evaluator("loss_curves", every_steps=0)
+  c.evals.wra_plan = evaluator("wra_plan", every_steps=0)
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 5000
   c.checkpoint.keep = 3
-  c.plots = True
   return c
+
+
+def evaluator(kind: str, every_steps: int | None = None,
+              **options) -> ml_collections.ConfigDict:
+  """One `config.evals` entry: evaluator `kind` with its options.
+
+  `every_steps` stays overridable on the command line even when None (the
+  default schedule, `config.eval.every_steps`).
+  """
+  e = ml_collections.ConfigDict()
+  e.type = kind
+  e.every_steps = (ml_collections.config_dict.placeholder(int)
+                   if every_steps is None else every_steps)
+  e.update(options)
+  return e
 
 
 def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -161,6 +266,6 @@ def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.train.warmup_steps = 2
   c.log_every_steps = 5
   c.eval.every_steps = 10
-  c.eval.max_batches = 2
+  c.evals.val.max_batches = 2
   c.checkpoint.every_steps = 10
   return c

@@ -6,17 +6,17 @@ Builds the synthetic corpus into `data.data_dir` when missing, then trains
 MLM, MRFR, MRC-kl and ITM with WRA (mixed per update by ratio, as the
 official MetaLoader does), evaluates on the held-out images (MLM and ITM
 accuracy, zero-shot retrieval) and writes plots to `<workdir>/plots/`.
+
+Variants (`configs/demo.py:runlocal`): `runlocal`, a 6-step smoke run on
+the `tiny` synthetic preset. There is no `large`: the demo is small by
+design.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import common
 
 
 def get_config(arg=None):
+  variant = common.parse_arg(arg, runlocal=False)
   c = common.base_config()
   # 8 heads of 16 dims: with 4 heads of 32 the model often learned to match
   # only some of the 12 object classes within 3000 updates and stalled near
@@ -60,11 +60,11 @@ def get_config(arg=None):
   # Three held-out evaluations (1000, 2000, 3000); every 500 cost ~30 s more
   # of the CPU budget and does not change training.
   c.eval.every_steps = 1000
-  c.eval.max_batches = 8
-  c.eval.retrieval_images = 50
+  c.evals.val.max_batches = 8
+  c.evals.zero_shot = common.evaluator("zero_shot_retrieval", num_images=50)
   c.checkpoint.every_steps = 500
   c.checkpoint.keep = 2
-  if arg == "runlocal":
+  if variant.runlocal:
     c.mesh.data = 1   # the tiny corpus fills no batch spread over many devices
     c.data.synthetic = "tiny"
     c.datasets.synthetic.text = c.datasets.synthetic.val_text = (
@@ -74,7 +74,7 @@ def get_config(arg=None):
     c.train.warmup_steps = 2
     c.log_every_steps = 2
     c.eval.every_steps = 6
-    c.eval.max_batches = 1
-    c.eval.retrieval_images = 4
+    c.evals.val.max_batches = 1
+    c.evals.zero_shot.num_images = 4
     c.checkpoint.every_steps = 3
   return c

@@ -5,18 +5,15 @@
 
 Expects TFDS text datasets built with data_prep from the official pretraining
 txt_dbs (names below; change them with --config.datasets.coco.text=...).
-Variant `runlocal` runs the same tasks on the tiny synthetic corpus.
+Variants: `runlocal` runs the same tasks on the tiny synthetic corpus. There
+is no `large`: the official code has no in-domain UNITER-large config.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import common
 
 
 def get_config(arg=None):
+  variant = common.parse_arg(arg, runlocal=False)
   c = common.base_config()
   c.init_checkpoint = "uniter-base-init.pt"
   c.datasets.coco = common.dataset("uniter_txt_db/pretrain_coco_train:1.0.0",
@@ -32,6 +29,6 @@ def get_config(arg=None):
   c.train.num_train_steps = 200000
   c.eval.every_steps = 5000
   c.checkpoint.every_steps = 5000
-  if arg == "runlocal":
+  if variant.runlocal:
     common.runlocal(c)
   return c

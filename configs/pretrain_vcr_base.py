@@ -2,29 +2,28 @@
 
 MLM / MRFR / MRC-kl (no ITM) from `uniter-base.pt`, with the VCR type table
 (4 rows) and 81 extra word ids, as the official `UniterForPretrainingForVCR`.
-Variant `large` uses UNITER-large and `uniter-large.pt` (mix 10/1/1);
-`runlocal` is a tiny synthetic smoke run of the same model surgery.
+Variants (combinable, `configs/pretrain_vcr_base.py:large,runlocal`):
+`large` is `config/pretrain-vcr-large-4gpu.json`: UNITER-large from
+`uniter-large.pt` (mix 10/1/1); `runlocal` is a tiny synthetic smoke run of
+the same model surgery (with `large` it keeps the large mix, the model
+shrinks to the tiny one all the same).
 
 Needs a VCR text dataset with `txt_type_ids`; data_prep has no VCR builder
 yet (see docs/training.md), so only `runlocal` runs today.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-position
-from uniter_jax.model import config as model_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import common
+from uniter_jax.model import config as model_config
 
 
 def get_config(arg=None):
+  variant = common.parse_arg(arg, large=False, runlocal=False)
   c = common.base_config()
   c.model_task = "pretrain-vcr"
   c.init_checkpoint = "uniter-base.pt"
   c.init_checkpoint_task = "pretrain"
   mix = (2, 1, 1)
-  if arg == "large":
+  if variant.large:
     c.model.update(model_config.large().to_dict())
     c.model.dtype = "bfloat16"
     c.init_checkpoint = "uniter-large.pt"
@@ -42,6 +41,6 @@ def get_config(arg=None):
   c.train.grad_norm = -1.0
   c.eval.every_steps = 2000
   c.checkpoint.every_steps = 2000
-  if arg == "runlocal":
+  if variant.runlocal:
     common.runlocal(c)
   return c

@@ -1,27 +1,54 @@
-"""Config files: official values, variants, and model surgery for init."""
+"""Config files: official values, variants, and model surgery for init.
 
+`configs` is imported as the installed package (`pip install -e .`), as
+run.py's config files import it: nothing here edits sys.path.
+"""
+
+import glob
 import importlib
 import os
-import sys
 
+from absl import flags
 import jax
+from ml_collections import config_flags
 import numpy as np
 import pytest
 
+from configs import common
+from uniter_jax import model as um
+from uniter_jax.model import surgery
+from uniter_jax.train import input as input_lib
+from uniter_jax.train import optim
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from uniter_jax import model as um  # pylint: disable=wrong-import-position
-from uniter_jax.model import surgery  # pylint: disable=wrong-import-position
-from uniter_jax.train import input as input_lib  # pylint: disable=wrong-import-position
-from uniter_jax.train import optim  # pylint: disable=wrong-import-position
-
 SETUPS = ["pretrain_indomain_base", "pretrain_alldata_base",
           "pretrain_alldata_large", "pretrain_vcr_base", "demo"]
+# What each file accepts after ':' (docs/training.md, "Variants").
+KNOWN_VARIANTS = {"pretrain_indomain_base": "runlocal",
+                  "pretrain_alldata_base": "large, runlocal",
+                  "pretrain_alldata_large": "runlocal",
+                  "pretrain_vcr_base": "large, runlocal",
+                  "demo": "runlocal"}
 
 
 def _get(name, arg=None):
   return importlib.import_module(f"configs.{name}").get_config(arg)
+
+
+def _config_files():
+  return sorted(os.path.basename(p)[:-3]
+                for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+                if os.path.basename(p) not in ("common.py", "__init__.py"))
+
+
+def test_every_config_file_is_covered_and_leaves_sys_path_alone():
+  # A new setup file must join SETUPS, so the build tests below reach it.
+  assert _config_files() == sorted(SETUPS) == sorted(KNOWN_VARIANTS)
+  for name in _config_files() + ["common", "__init__"]:
+    with open(os.path.join(ROOT, "configs", f"{name}.py")) as f:
+      src = f.read()
+    assert "sys.path" not in src, name
+    assert "import sys" not in src, name
 
 
 @pytest.mark.parametrize("name", SETUPS)
@@ -34,6 +61,98 @@ def test_configs_build_and_are_locked_friendly(name, arg):
   assert input_lib.task_keys(c)
   um.config.validate({**c.model.to_dict(),
                       "vocab_size": max(c.model.vocab_size, 1)})
+
+
+def test_parse_arg_types_and_combines_variants():
+  defaults = dict(large=False, runlocal=False, steps=10, lr=0.1, name="a")
+  assert common.parse_arg(None, **defaults).to_dict() == defaults
+  assert common.parse_arg("", **defaults).to_dict() == defaults
+  v = common.parse_arg(" runlocal , large,steps=3,lr=1e-3,name=b", **defaults)
+  assert v.to_dict() == dict(large=True, runlocal=True, steps=3, lr=1e-3,
+                             name="b")
+  assert isinstance(v.steps, int) and isinstance(v.lr, float)
+  assert not common.parse_arg("runlocal=false", runlocal=True).runlocal
+  assert common.parse_arg("runlocal=Yes", runlocal=False).runlocal
+  with pytest.raises(AttributeError):   # locked: a misspelt read fails
+    _ = common.parse_arg("", runlocal=False).runlcoal
+  with pytest.raises(ValueError, match=r"'steps' needs a value"):
+    common.parse_arg("steps", **defaults)
+  with pytest.raises(ValueError, match=r"steps='x': expected a int"):
+    common.parse_arg("steps=x", **defaults)
+  with pytest.raises(ValueError, match=r"runlocal='maybe': expected a bool"):
+    common.parse_arg("runlocal=maybe", **defaults)
+  with pytest.raises(ValueError, match=r"'big=1' in 'large,big=1'; known "
+                     r"variants: large, lr=<float>, name=<str>, runlocal, "
+                     r"steps=<int>"):
+    common.parse_arg("large,big=1", **defaults)
+  with pytest.raises(ValueError, match="none"):
+    common.parse_arg("runlocal")
+  with pytest.raises(TypeError):
+    common.parse_arg(None, mix=(1, 2))
+
+
+def test_variants_give_the_expected_fields():
+  demo = _get("demo", "runlocal")
+  assert (demo.data.synthetic, demo.mesh.data, demo.train.num_train_steps,
+          demo.datasets.synthetic.text) == (
+              "tiny", 1, 6, "uniter_synthetic_text/tiny:1.0.0")
+  assert _get("demo", "runlocal=false").to_dict() == _get("demo").to_dict()
+  vcr = _get("pretrain_vcr_base", "large,runlocal")
+  assert vcr.to_dict() == _get("pretrain_vcr_base", "runlocal , large"
+                               ).to_dict()
+  assert vcr.model_task == "pretrain-vcr"
+  assert vcr.datasets.vcr.mix_ratio == (10, 1, 1)          # from large
+  assert vcr.datasets.vcr.tasks == ("mlm", "mrfr", "mrckl")
+  assert (vcr.model.hidden_size, vcr.init_checkpoint, vcr.data.synthetic,
+          vcr.datasets.vcr.text) == (              # from runlocal
+              um.config.tiny().hidden_size, "", "tiny",
+              "uniter_synthetic_text/tiny:1.0.0")
+  assert _get("pretrain_vcr_base", "runlocal").datasets.vcr.mix_ratio == (
+      2, 1, 1)
+  # The all-data base file's `large` is the official large setup.
+  for arg, large_arg in (("large", None), ("large,runlocal", "runlocal")):
+    assert _get("pretrain_alldata_base", arg).to_dict() == _get(
+        "pretrain_alldata_large", large_arg).to_dict()
+
+
+@pytest.mark.parametrize("name,arg", [
+    ("demo", "runlcoal"), ("demo", "large"), ("demo", "runlocal,large"),
+    ("pretrain_indomain_base", "large"), ("pretrain_alldata_large", "large"),
+    ("pretrain_alldata_base", "huge"), ("pretrain_vcr_base", "large,tiny")])
+def test_unknown_variant_names_the_known_ones(name, arg):
+  with pytest.raises(ValueError, match="known variants: " +
+                     KNOWN_VARIANTS[name] + "$"):
+    _get(name, arg)
+
+
+def test_config_flag_loads_files_by_path_and_refuses_unknown_variants():
+  # As run.py does: ml_collections loads the file by path, and the file's
+  # `from configs import common` resolves through the installed package.
+  def parse(*argv):
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv,
+                                    lock_config=True)
+    fv(["run.py", *argv])
+    return fv.config
+
+  path = os.path.join(ROOT, "configs", "demo.py")
+  c = parse(f"--config={path}:runlocal")
+  assert (c.data.synthetic, c.train.num_train_steps) == ("tiny", 6)
+  with pytest.raises(flags.IllegalFlagValueError,
+                     match="'runlcoal'; known variants: runlocal"):
+    parse(f"--config={path}:runlcoal")
+
+
+def test_ensure_synthetic_does_nothing_without_a_preset(tmp_path):
+  from data_prep import prepare  # pylint: disable=g-import-not-at-top
+  c = _get("pretrain_indomain_base")
+  assert c.data.synthetic == ""
+  c.data.data_dir = str(tmp_path / "never_created")
+  prepare.ensure_synthetic(c)
+  assert not (tmp_path / "never_created").exists()
+  c.data.synthetic = "no_such_preset"
+  with pytest.raises(ValueError, match="no_such_preset"):
+    prepare.ensure_synthetic(c)
 
 
 def test_official_values():

@@ -1,7 +1,8 @@
 """Tests of the PyTorch reference (tests/torch_ref) against the official facts.
 
 The Flax model is checked against this reference, so here the reference is
-checked against shared/UNITER_REFERENCE.md: state_dict keys, shapes and
+checked against the official facts written down in docs/model.md ("Official
+facts the PyTorch reference is written from"): state_dict keys, shapes and
 parameter counts of the model and every head (base on the meta device, large
 head counts), the official computations (GELU, attention, mask embedding,
 tied heads, pair handling), the packing helpers, and that padding never
@@ -42,7 +43,7 @@ def _shapes(module):
 
 
 def _uniter_keys(h, n_layers, inter, vocab=28996, types=2, img_dim=2048):
-  """Section 1.8 of the reference, in registration order."""
+  """The encoder's official keys in registration order (docs/model.md)."""
   keys = [
       ("embeddings.word_embeddings.weight", (vocab, h)),
       ("embeddings.position_embeddings.weight", (512, h)),
@@ -113,7 +114,7 @@ def _attn_keys(name, h):
           f"{name}.out_proj.bias": (h,)}
 
 
-# Section 1.9, base shapes.
+# The heads' official keys, base shapes (docs/model.md, "Heads").
 BASE_HEADS = {
     "pretrain": (R.UniterForPretraining, {}, {
         "cls.predictions.bias": (28996,),

@@ -1,6 +1,6 @@
 """Conversion between the project's static batch layout and official batches.
 
-Static layout (shared/batch_contract.md): each row is
+Static layout (docs/model.md, "The static batch"): each row is
 ``[CLS text SEP pad.. (Lt) | regions pad.. (Li)]`` with one ``attn_masks``
 of width ``Lt + Li``. The official collate functions instead trim text to the
 longest text of the batch (``max_tl``) and regions to ``max_nbb``, and the
@@ -79,8 +79,9 @@ def static_to_packed(batch: Mapping[str, Any], trim: bool = True
   """A static-layout batch (numpy or torch) as an official batch (torch).
 
   Args:
-    batch: fields of shared/batch_contract.md. ``txt_lens``/``num_bbs`` are
-      read from the batch or from ``attn_masks``.
+    batch: fields of the static batch (docs/model.md).
+      ``txt_lens``/``num_bbs`` are read from the batch or from
+      ``attn_masks``.
     trim: True (official collate): text cut to ``max(txt_lens)``, regions to
       ``max(num_bbs)``, ``attn_masks``/``gather_index`` of width
       ``max(tl + nbb)``. False: keep the static ``Lt``/``Li`` and width
@@ -195,7 +196,7 @@ def random_static_batch(seed: int, txt_lens: Sequence[int],
                         vocab_size: int, img_dim: int = 2048,
                         pretrain: bool = False,
                         img_label_dim: int = 1601) -> dict[str, np.ndarray]:
-  """A random batch in the static layout (numpy), padded as the contract says.
+  """A random batch in the static layout (numpy), padded as docs/model.md says.
 
   With ``pretrain``: also txt_labels (about a third of the real tokens,
   at least one per row), img_masks (at least one real region per row, the

@@ -1,8 +1,9 @@
 """A compact PyTorch reference of the official UNITER model and its heads.
 
 Written from the facts of the official implementation (ChenRocks/UNITER,
-`model/*.py`; see shared/UNITER_REFERENCE.md sections 1 and 5) to check the
-Flax model and the checkpoint converter against. Two things must hold:
+`model/*.py`; listed in docs/model.md, "Official facts the PyTorch reference
+is written from") to check the Flax model and the checkpoint converter
+against. Two things must hold:
 
 * the computation is the official one in float32: post-LN BERT layers with the
   exact erf GELU, LayerNorm eps 1e-12 (``torch.nn.LayerNorm`` stands in for
