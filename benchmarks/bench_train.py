@@ -4,7 +4,7 @@ One full optimizer step (forward, backward, global-norm clipping and the
 AdamW update of the official in-domain pretraining config; dropout on,
 float32) on one batch, timed for both implementations in the same run:
 
-- Flax: `uniter_jax.train.trainer._train_step` (the function `run.py`
+- Flax: `uniter_jax.train.step.train_step` (the function `run.py`
   trains with), jitted with the train state donated, on one device, with
   `optim.make_optimizer(configs/pretrain_indomain_base.train)`.
   Gradient accumulation is set to 1 so every timed step applies an update.
@@ -189,10 +189,27 @@ def make_batch(task: str, batch_size: int, txt_len: int, num_regions: int,
   return batch
 
 
+def make_task(name: str, tcfg=None, wra: bool = False):
+  """The registered task `name` as the trainer builds it (WRA on ITM only
+  when `wra`; OT settings from `tcfg.ot`)."""
+  from uniter_jax import tasks  # pylint: disable=g-import-not-at-top
+  opts = {"mlm_prob": MASK_PROB, "mrm_prob": MASK_PROB}
+  if name == "itm":
+    opts["itm_ot_lambda"] = (tcfg.itm_ot_lambda if wra and tcfg is not None
+                             else 0.0)
+    if tcfg is not None:
+      ot = tcfg.ot
+      opts["ot"] = ot_lib.OTConfig(solver=ot.solver, epsilon=ot.epsilon,
+                                   num_iters=ot.num_iters)
+  return tasks.make_task(name, **opts)
+
+
 def flax_batch(batch: Mapping[str, np.ndarray], task: str) -> dict:
-  """The batch as the trainer feeds it: gathered masked positions added."""
-  from uniter_jax.train import input as input_lib  # pylint: disable=g-import-not-at-top
-  out = input_lib.with_positions(dict(batch), task, MASK_PROB, MASK_PROB)
+  """The batch as the trainer feeds it: the task's batch ops (gathered
+  masked positions) applied."""
+  out = dict(batch)
+  for op in make_task(task).batch_ops():
+    out = op(out)
   return {k: jnp.asarray(v) for k, v in out.items()
           if k not in ("txt_lens", "num_bbs")}
 
@@ -212,20 +229,18 @@ def train_config(accum: int = 1):
   return tcfg
 
 
-def make_flax_step(net, params, tcfg, task: str, seed: int = 0
-                   ) -> tuple[Callable, Any]:
-  """(jitted donated step, initial TrainState) as `trainer` builds them."""
+def make_flax_step(net, params, tcfg, task: str, seed: int = 0,
+                   wra: bool = False) -> tuple[Callable, Any]:
+  """(jitted donated step, initial TrainState) as `trainer` builds them:
+  `uniter_jax.train.step.train_step` with the registered task."""
   from uniter_jax.train import optim  # pylint: disable=g-import-not-at-top
-  from uniter_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  from uniter_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
   tx = optim.make_optimizer(tcfg, params)
   params = jax.tree_util.tree_map(jnp.asarray, params)
-  state = trainer.TrainState(
-      step=jnp.zeros((), jnp.int32), params=params,
-      opt_state=tx.init(params),
-      rng=jax.random.key_data(jax.random.key(seed)),
-      bad_step=jnp.full((), -1, jnp.int32))
-  step = jax.jit(functools.partial(trainer._train_step, model=net, tx=tx,  # pylint: disable=protected-access
-                                   task=task, grad_scale=1.0),
+  state = step_lib.create_state(params, tx, jax.random.key(seed))
+  step = jax.jit(functools.partial(step_lib.train_step, model=net,
+                                   task=make_task(task, tcfg, wra),
+                                   grad_scale=1.0),
                  donate_argnums=(0,))
   return step, state
 
@@ -396,11 +411,7 @@ def main():
   ref = R.UniterForPretraining(rcfg)
   sd = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
   params = convert.torch_to_flax(sd, "pretrain", fcfg)
-  ot = tcfg.ot
-  net = um.build_model(
-      "pretrain", fcfg, itm_ot_lambda=tcfg.itm_ot_lambda if args.wra else 0.0,
-      ot_config=ot_lib.OTConfig(solver=ot.solver, epsilon=ot.epsilon,
-                                num_iters=ot.num_iters))
+  net = um.build_model("pretrain", fcfg)
   fbatch = flax_batch(batch, args.task)
   slots = {"mlm": "mlm_positions", "mrfr": "mrm_positions",
            "mrckl": "mrm_positions"}.get(args.task)
@@ -430,7 +441,7 @@ def main():
                                  if args.peak_tflops > 0 else [])
 
   # ---- Flax -----------------------------------------------------------
-  step, state = make_flax_step(net, params, tcfg, args.task)
+  step, state = make_flax_step(net, params, tcfg, args.task, wra=args.wra)
   step, compile_s, xla_flops = compile_step(step, state, fbatch)
   holder = {"state": state, "loss": []}
 

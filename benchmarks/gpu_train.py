@@ -1,7 +1,7 @@
 """Train-step throughput and MFU of UNITER on one accelerator (bf16 compute).
 
 Prepared for an H100: UNITER-base, the project's train step
-(`uniter_jax.train.trainer._train_step`, jitted with the state donated, the
+(`uniter_jax.train.step.train_step`, jitted with the state donated, the
 official in-domain optimizer: clipping 5.0, AdamW eps 1e-6 betas
 (0.9, 0.98) wd 0.01; accumulation `--accum`, default 1 so every step
 updates; the official in-domain runs use 2), float32 params
@@ -117,11 +117,7 @@ def measure(args, cfg, params, tcfg, task, shape, profile_dir: str = ""
   """Compiles and times the train step on one bucket shape."""
   b, lt, li = shape
   mcfg = cfg.to_dict()
-  ot = tcfg.ot
-  net = um.build_model(
-      "pretrain", cfg, itm_ot_lambda=tcfg.itm_ot_lambda if args.wra else 0.0,
-      ot_config=ot_lib.OTConfig(solver=ot.solver, epsilon=ot.epsilon,
-                                num_iters=ot.num_iters))
+  net = um.build_model("pretrain", cfg)
   batch = bt.make_batch(task, b, lt, li, mcfg["vocab_size"], mcfg["img_dim"],
                         mcfg["img_label_dim"], seed=b * 1000 + lt)
   flops = bt.step_flops(mcfg, b, lt, li, task,
@@ -132,7 +128,7 @@ def measure(args, cfg, params, tcfg, task, shape, profile_dir: str = ""
   # The step donates its state: give it its own copy of the params.
   step, state = bt.make_flax_step(net, jax.tree_util.tree_map(jnp.copy,
                                                               params),
-                                  tcfg, task)
+                                  tcfg, task, wra=args.wra)
   step, compile_s, xla_flops = bt.compile_step(step, state, fbatch)
   for _ in range(max(args.warmup, 1)):
     state, m = step(state, fbatch)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import torch_objectives_ref as ref
 from uniter_jax import ot as ot_lib
+from uniter_jax import tasks
 from uniter_jax.tasks import losses
 
 B, LT, LI, V, D, C = 3, 9, 7, 50, 2048, 1601
@@ -38,6 +39,23 @@ def _close(a, b, rtol=RTOL):
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   scale = max(np.abs(b).max(), 1e-30)
   np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * scale)
+
+
+def _loss(task, outputs, batch, **options):
+  """The registered task's loss (options as its constructor takes them)."""
+  return tasks.make_task(task, **options).loss(outputs, batch)
+
+
+def _add_positions(batch, task, p):
+  """The gathered-layout keys for `task` with P = `p` slots."""
+  out = dict(batch)
+  if task == "mlm":
+    out["mlm_positions"], out["mlm_valid"] = losses.masked_positions(
+        batch["txt_labels"] != -1, p)
+  else:
+    out["mrm_positions"], out["mrm_valid"] = losses.masked_positions(
+        batch["img_masks"], p)
+  return out
 
 
 def _batch(seed=0):
@@ -97,7 +115,7 @@ def test_masked_losses_match_official(task, layout):
 
   if layout == "gathered":
     p = int(mask.sum(1).max()) + 2  # room to spare: some invalid slots
-    batch = losses.add_masked_positions(batch, task, p)
+    batch = _add_positions(batch, task, p)
     pos_key = "mlm_positions" if task == "mlm" else "mrm_positions"
     pos = np.asarray(batch[pos_key])
     pred = np.take_along_axis(full_pred, pos[..., None], axis=1)
@@ -105,7 +123,7 @@ def test_masked_losses_match_official(task, layout):
     pred = full_pred
 
   def jloss(x):
-    return losses.pretrain_loss(task, {key: x}, batch)
+    return _loss(task, {key: x}, batch)
 
   (loss, metrics), grad = jax.value_and_grad(jloss, has_aux=True)(
       jnp.asarray(pred))
@@ -139,7 +157,7 @@ def test_mlm_accuracy_metric():
   idx = np.argwhere(mask)[:2]
   for b, t in idx:
     logits[b, t, batch["txt_labels"][b, t]] = 100.0
-  _, m = losses.pretrain_loss("mlm", {"mlm_logits": logits}, batch)
+  _, m = _loss("mlm", {"mlm_logits": logits}, batch)
   expect = (logits.argmax(-1) == batch["txt_labels"])[mask].mean()
   np.testing.assert_allclose(float(m["mlm_acc"]), expect, rtol=1e-6)
   assert expect >= 2 / mask.sum()
@@ -155,7 +173,7 @@ def test_itm_loss_and_wra_match_official():
 
   def jloss(lg, t, i):
     out = {"itm_logits": lg, "txt_output": t, "img_output": i}
-    return losses.pretrain_loss("itm", out, batch, itm_ot_lambda=0.1, ot=cfg)
+    return _loss("itm", out, batch, itm_ot_lambda=0.1, ot=cfg)
 
   (loss, m), grads = jax.value_and_grad(jloss, argnums=(0, 1, 2),
                                         has_aux=True)(logits, txt, img)
@@ -180,8 +198,7 @@ def test_itm_loss_and_wra_match_official():
 def test_itm_without_wra_is_plain_cross_entropy():
   batch = _batch(4)
   logits = np.random.default_rng(6).standard_normal((B, 2)).astype(np.float32)
-  loss, m = losses.pretrain_loss("itm", {"itm_logits": logits}, batch,
-                                 itm_ot_lambda=0.0)
+  loss, m = _loss("itm", {"itm_logits": logits}, batch, itm_ot_lambda=0.0)
   expect = F.cross_entropy(torch.from_numpy(logits),
                            torch.from_numpy(batch["targets"]).long())
   _close(loss, expect.item())
@@ -192,9 +209,9 @@ def test_gathered_overflow_is_reported():
   batch = _batch(1)
   mask = batch["img_masks"]
   p = int(mask.sum(1).max()) - 1
-  batch = losses.add_masked_positions(batch, "mrfr", p)
+  batch = _add_positions(batch, "mrfr", p)
   pred = np.zeros((B, p, D), np.float32)
-  _, m = losses.pretrain_loss("mrfr", {"mrfr_pred": pred}, batch)
+  _, m = _loss("mrfr", {"mrfr_pred": pred}, batch)
   expect = np.maximum(mask.sum(1) - p, 0).sum()
   assert float(m["mrfr_dropped"]) == expect > 0
 
@@ -214,13 +231,12 @@ def test_masked_positions_and_max_count():
 
 
 def test_errors_name_the_missing_key():
-  with pytest.raises(KeyError, match="mlm_logits"):
-    losses.pretrain_loss("mlm", {}, _batch())
-  with pytest.raises(ValueError, match="unknown task"):
-    losses.pretrain_loss("vqa", {}, _batch())
+  with pytest.raises(KeyError, match="task 'mlm'.*mlm_logits"):
+    _loss("mlm", {}, _batch())
+  with pytest.raises(ValueError, match="unknown task 'mlmm'.*registered"):
+    tasks.make_task("mlmm")
   with pytest.raises(ValueError, match="mrm_positions"):
-    losses.pretrain_loss("mrfr", {"mrfr_pred": np.zeros((B, 2, D))},
-                         _batch())
+    _loss("mrfr", {"mrfr_pred": np.zeros((B, 2, D))}, _batch())
 
 
 # ---------------------------------------------------------------------------
@@ -297,7 +313,7 @@ def test_loss_grad_wrt_encoder_output_through_head(task):
   n = LT if task == "mlm" else LI
   seq = r.standard_normal((B, n, h)).astype(np.float32)
   p = int(_mask(batch, task).sum(1).max()) + 1
-  batch = losses.add_masked_positions(batch, task, p)
+  batch = _add_positions(batch, task, p)
   pos = np.asarray(batch["mlm_positions" if task == "mlm"
                          else "mrm_positions"])
 
@@ -305,7 +321,7 @@ def test_loss_grad_wrt_encoder_output_through_head(task):
     hs = jnp.take_along_axis(s, pos[..., None], axis=1)
     out = net.apply({"params": params}, hs, task,
                     method=_flax_head)
-    return losses.pretrain_loss(task, out, batch)[0]
+    return _loss(task, out, batch)[0]
 
   loss, grad = jax.value_and_grad(jloss)(jnp.asarray(seq))
   tseq = torch.tensor(seq, requires_grad=True)
@@ -316,17 +332,44 @@ def test_loss_grad_wrt_encoder_output_through_head(task):
   _close(grad, tseq.grad.numpy())
 
 
-def test_model_compute_loss_matches_pretrain_loss():
-  """`UniterForPretraining(compute_loss=True)` returns pretrain_loss."""
+def test_task_batch_ops_add_the_gathered_positions():
+  """The MLM / MRM tasks' batch ops size P from the batch's slots and the
+  masking rate, and their loss equals the full-layout loss."""
+  batch = _batch(11)
+  batch["input_ids"] = np.zeros((B, LT), np.int32)
+  batch["img_feat"] = np.zeros((B, LI, 4), np.float32)
+  mlm = tasks.make_task("mlm")
+  out = mlm.batch_ops()[0](batch)
+  p = losses.max_masked_count(LT - 2, mlm.mlm_prob)
+  assert out["mlm_positions"].shape == (B, p)
+  np.testing.assert_array_equal(out["mlm_valid"].sum(1),
+                                (batch["txt_labels"] != -1).sum(1))
+  mrfr = tasks.make_task("mrfr")
+  out = mrfr.batch_ops()[0](batch)
+  assert out["mrm_positions"].shape == (B, losses.max_masked_count(
+      LI, mrfr.mrm_prob))
+  r = np.random.default_rng(3)
+  full = r.standard_normal((B, LI, D)).astype(np.float32)
+  gathered = np.take_along_axis(full, out["mrm_positions"][..., None], 1)
+  want, _ = mrfr.loss({"mrfr_pred": full}, batch)
+  got, _ = mrfr.loss({"mrfr_pred": gathered}, out)
+  _close(got, want)
+
+
+def test_task_outputs_and_loss_through_the_model():
+  """`task.outputs` runs the task's head; `eval_step` is its loss."""
   from uniter_jax import model as um  # pylint: disable=g-import-not-at-top
+  from uniter_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
   net, params = _tiny_model()
   b = um.dummy_batch(net.cfg, batch_size=B, txt_len=LT, num_regions=LI)
   b = dict(b, **_batch(9))
   b["txt_labels"] = np.where(b["txt_labels"] >= 0, 3, -1).astype(np.int32)
-  for task in ("mlm", "itm"):
-    out = net.apply({"params": params}, b, task)
-    want, _ = losses.pretrain_loss(task, out, b, itm_ot_lambda=0.1,
-                                   ot=ot_lib.OTConfig())
-    got, metrics = net.apply({"params": params}, b, task, compute_loss=True)
-    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
-    assert f"{task}_loss" in metrics
+  for name in ("mlm", "itm"):
+    task = tasks.make_task(name)
+    out = net.apply({"params": params}, b, name)
+    want, _ = task.loss(out, b)
+    metrics = step_lib.eval_step(params, b, model=net, task=task)
+    np.testing.assert_allclose(float(metrics[f"{name}_loss"]), float(want),
+                               rtol=1e-6)
+  with pytest.raises(TypeError):
+    net.apply({"params": params}, b, "mlm", compute_loss=True)

@@ -13,15 +13,16 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from configs import demo
+from data_prep import prepare
+from uniter_jax import convert
+from uniter_jax.data import schema
+from uniter_jax.train import checkpoint as ckpt_lib
+from uniter_jax.train import input as input_lib
+from uniter_jax.train import metrics as metrics_lib
+from uniter_jax.train import trainer
 
-from configs import demo  # pylint: disable=g-import-not-at-top,wrong-import-position
-from uniter_jax import convert  # pylint: disable=wrong-import-position
-from uniter_jax.train import checkpoint as ckpt_lib  # pylint: disable=wrong-import-position
-from uniter_jax.train import input as input_lib  # pylint: disable=wrong-import-position
-from uniter_jax.train import metrics as metrics_lib  # pylint: disable=wrong-import-position
-from uniter_jax.train import trainer  # pylint: disable=wrong-import-position
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DATA_DIR = "/tmp/uniter_jax_test_data"
 
@@ -37,11 +38,12 @@ def tiny_config(steps=4, tasks=("mlm", "itm"), **mesh):
   c.train.token_budget = 256
   c.log_every_steps = 1
   c.eval.every_steps = 1000
-  c.eval.retrieval_images = 0
+  for name in ("zero_shot", "loss_curves", "wra_plan"):
+    c.evals[name].every_steps = -1
   c.checkpoint.every_steps = 2
-  c.plots = False
   c.mesh.data = mesh.get("data", 1)
   c.mesh.fsdp = mesh.get("fsdp", 1)
+  prepare.ensure_synthetic(c)   # run.py builds it before training
   return c
 
 
@@ -155,16 +157,15 @@ def test_resume_is_exact(tmp_path, monkeypatch):
 
 def test_nan_in_a_batch_stops_the_run(tmp_path, monkeypatch):
   calls = {"n": 0}
-  orig = input_lib.with_positions
+  orig = trainer.sharding.to_global
 
-  def poisoned(batch, *a, **k):
+  def poisoned(batch, mesh):
     calls["n"] += 1
-    out = orig(batch, *a, **k)
-    if calls["n"] == 4:
-      out = dict(out, img_feat=out["img_feat"] * np.nan)
-    return out
+    if calls["n"] == 4:   # the batch of micro-step 3
+      batch = dict(batch, img_feat=batch["img_feat"] * np.nan)
+    return orig(batch, mesh)
 
-  monkeypatch.setattr(input_lib, "with_positions", poisoned)
+  monkeypatch.setattr(trainer.sharding, "to_global", poisoned)
   with pytest.raises(trainer.NonFiniteError, match="non-finite loss") as e:
     trainer.train_and_evaluate(tiny_config(steps=6), str(tmp_path))
   assert "micro-step 3" in str(e.value)
@@ -193,11 +194,10 @@ def test_loss_weights_scale_the_task_gradient(tmp_path):
 def test_two_runs_build_one_synthetic_corpus_together(tmp_path):
   # Both processes ask for the corpus at once; one builds it, the other
   # waits for the build lock and then accepts that build.
-  code = ("import sys; sys.path.insert(0, {root!r}); "
-          "from configs import demo; from uniter_jax.train import input as i; "
+  code = ("from configs import demo; from data_prep import prepare; "
           "c = demo.get_config('runlocal'); c.data.data_dir = {d!r}; "
-          "i.maybe_build_synthetic(c); print('ready')").format(
-              root=ROOT, d=str(tmp_path))
+          "prepare.ensure_synthetic(c); print('ready')").format(
+              d=str(tmp_path))
   procs = [subprocess.Popen([sys.executable, "-c", code], env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True) for _ in range(2)]
@@ -207,17 +207,17 @@ def test_two_runs_build_one_synthetic_corpus_together(tmp_path):
     assert out.strip().endswith("ready")
   c = tiny_config()
   c.data.data_dir = str(tmp_path)
-  ds = input_lib.make_datasets(c, split_field="split", text_field="text",
+  ds = input_lib.make_datasets(c, input_lib.make_run_tasks(c),
+                               split_field="split", text_field="text",
                                token_budget=256, batch_multiple=1, seed=0)
   assert ds["mlm_synthetic"].load_batch(0)["input_ids"].shape[0] > 0
 
 
 def test_a_stale_synthetic_corpus_is_refused(tmp_path):
-  from data_prep import schema  # pylint: disable=g-import-not-at-top
   c = tiny_config()
   c.data.data_dir = str(tmp_path)
-  input_lib.maybe_build_synthetic(c)
-  input_lib.maybe_build_synthetic(c)   # the same preset: accepted as built
+  prepare.ensure_synthetic(c)
+  prepare.ensure_synthetic(c)   # the same preset: accepted as built
   # As if an older release had built preset "tiny" with other settings.
   d = schema.builder_dir(str(tmp_path), "uniter_synthetic_images/tiny:1.0.0")
   path = os.path.join(d, schema.META_FILE)
@@ -227,12 +227,12 @@ def test_a_stale_synthetic_corpus_is_refused(tmp_path):
   del meta["config"]["colour_prob"]
   with open(path, "w") as f:
     json.dump(meta, f)
-  input_lib.maybe_build_synthetic(c)
+  prepare.ensure_synthetic(c)
   meta["config"]["noise"] = 0.9
   with open(path, "w") as f:
     json.dump(meta, f)
   with pytest.raises(ValueError, match="preset 'tiny' built with .*delete"):
-    input_lib.maybe_build_synthetic(c)
+    prepare.ensure_synthetic(c)
 
 
 def test_loss_weights_reject_unknown_tasks():
@@ -273,13 +273,15 @@ def _free_port():
 def test_two_processes_train_together(tmp_path):
   port = _free_port()
   common = ["--config.mesh.data=-1", "--config.log_every_steps=1",
-            "--config.checkpoint.every_steps=3", "--config.plots=False",
-            "--config.eval.retrieval_images=0",
+            "--config.checkpoint.every_steps=3",
+            "--config.evals.loss_curves.every_steps=-1",
+            "--config.evals.wra_plan.every_steps=-1",
+            "--config.evals.zero_shot.every_steps=-1",
             "--config.datasets.synthetic.tasks=('mlm','itm')",
             "--config.datasets.synthetic.mix_ratio=(1,1)",
             "--config.train.sum_grads=False", "--config.train.token_budget=256"]
   # Build the data once so both processes find it.
-  input_lib.maybe_build_synthetic(tiny_config())
+  tiny_config()
   procs = []
   for pid in range(2):
     args = _overrides(3, tmp_path / "multi", common + [

@@ -26,7 +26,9 @@ from uniter_jax.model import heads
 
 Array = jax.Array
 
-PRETRAIN_TASKS = ("mlm", "mrfr", "mrc", "mrckl", "itm")
+# What `UniterForPretraining(batch, output)` can compute: one head each
+# (MRC and MRC-kl share the region classifier).
+OUTPUTS = ("mlm", "mrfr", "mrc", "mrckl", "itm")
 
 
 class _MLMTransform(nn.Module):
@@ -107,19 +109,15 @@ def _gather(x: Array, positions: Array | None) -> Array:
 class UniterForPretraining(nn.Module):
   """UNITER with all pretraining heads.
 
-  `__call__(batch, task)` with task in PRETRAIN_TASKS computes that task's
-  head; task None computes every head (what `init` uses, so that all
-  parameters exist). Returns a dict with `sequence_output`,
-  `pooled_output`, `txt_output` [B, Lt, H], `img_output` [B, Li, H] and the
-  task's `mlm_logits` / `mrfr_pred` / `mrc_logits` / `itm_logits`. With
-  `compute_loss=True` it returns `(loss, metrics)` instead.
+  `__call__(batch, output)` with `output` in `OUTPUTS` computes that head
+  only; None computes every head (what `init` uses, so that all parameters
+  exist). Returns a dict with `sequence_output`, `pooled_output`,
+  `txt_output` [B, Lt, H], `img_output` [B, Li, H] and the head's
+  `mlm_logits` / `mrfr_pred` / `mrc_logits` / `itm_logits`. The model
+  computes no loss: the losses (and the WRA term) belong to the tasks in
+  `uniter_jax.tasks`.
   """
   cfg: Any
-  # Weight of the word-region alignment (OT) term added to the ITM loss.
-  itm_ot_lambda: float = 0.1
-  # WRA solver settings, a `uniter_jax.ot.OTConfig` (None: its defaults, the
-  # OTT-JAX Sinkhorn; `OTConfig(solver="ipot")` for the official IPOT).
-  ot_config: Any = None
 
   def setup(self):
     cfg = self.cfg
@@ -129,38 +127,27 @@ class UniterForPretraining(nn.Module):
     self.region_classifier = RegionClassification(cfg)
     self.itm_output = enc.dense(2, cfg, ("embed", None), "itm_output")
 
-  def __call__(self, batch, task: str | None = None, *,
-               deterministic: bool = True, compute_loss: bool = False):
-    if task is not None and task not in PRETRAIN_TASKS:
-      raise ValueError(f"unknown pretraining task {task!r}; expected one of "
-                       f"{PRETRAIN_TASKS}")
-    use_img_masks = task is None or task in ("mrfr", "mrc", "mrckl")
+  def __call__(self, batch, output: str | None = None, *,
+               deterministic: bool = True):
+    if output is not None and output not in OUTPUTS:
+      raise ValueError(f"unknown pretraining head output {output!r}; "
+                       f"expected one of {OUTPUTS}")
+    use_img_masks = output is None or output in ("mrfr", "mrc", "mrckl")
     out = dict(self.uniter(batch, deterministic=deterministic,
                            use_img_masks=use_img_masks))
     lt = batch["input_ids"].shape[1]
     seq = out["sequence_output"]
     out["txt_output"] = seq[:, :lt]
     out["img_output"] = seq[:, lt:]
-    if task in (None, "mlm"):
+    if output in (None, "mlm"):
       h = _gather(out["txt_output"], batch.get("mlm_positions"))
       out["mlm_logits"] = self.cls(h, self.uniter.word_logits)
-    if task in (None, "mrfr"):
+    if output in (None, "mrfr"):
       h = _gather(out["img_output"], batch.get("mrm_positions"))
       out["mrfr_pred"] = self.feat_regress(h, self.uniter.img_linear_kernel())
-    if task is None or task in ("mrc", "mrckl"):
+    if output is None or output in ("mrc", "mrckl"):
       h = _gather(out["img_output"], batch.get("mrm_positions"))
       out["mrc_logits"] = self.region_classifier(h)
-    if task in (None, "itm"):
+    if output in (None, "itm"):
       out["itm_logits"] = self.itm_output(out["pooled_output"])
-    if compute_loss:
-      if task is None:
-        raise ValueError("compute_loss=True needs a task")
-      # pylint: disable=g-import-not-at-top
-      from uniter_jax import ot as ot_lib
-      from uniter_jax.tasks import losses
-      # pylint: enable=g-import-not-at-top
-      ot_cfg = self.ot_config if self.ot_config is not None else (
-          ot_lib.OTConfig())
-      return losses.pretrain_loss(task, out, batch,
-                                  itm_ot_lambda=self.itm_ot_lambda, ot=ot_cfg)
     return out

@@ -1,19 +1,19 @@
-"""Pretraining objectives: per-example masking ops and losses.
+"""Tasks: the training objectives, one registry (`TASKS`).
 
-``masking`` holds the numpy ops run in the input pipeline (``TASK_OPS``);
-``losses`` the jnp losses on the model outputs (``pretrain_loss``). The WRA
-optimal-transport solvers live in ``uniter_jax.ot``.
+`base` holds the protocol (`Task`, `register_task`, `make_task`);
+`pretrain` the five pretraining objectives (mlm, mrfr, mrc, mrckl, itm);
+`masking` their per-example ops and `losses` their array-level losses. The
+word-region alignment solvers live in `uniter_jax.ot`. Downstream tasks
+(VQA, SNLI-VE, NLVR2, retrieval, referring expressions, VCR) arrive as
+modules beside `pretrain`.
 """
-from uniter_jax.tasks.losses import add_masked_positions
-from uniter_jax.tasks.losses import masked_positions
-from uniter_jax.tasks.losses import max_masked_count
-from uniter_jax.tasks.losses import pretrain_loss
-from uniter_jax.tasks.masking import itm_op
-from uniter_jax.tasks.masking import mlm_op
-from uniter_jax.tasks.masking import mrm_op
-from uniter_jax.tasks.masking import TASK_OPS
+from uniter_jax.tasks import pretrain  # registers the pretraining tasks
+from uniter_jax.tasks.base import get_task_class
+from uniter_jax.tasks.base import make_task
+from uniter_jax.tasks.base import make_tasks
+from uniter_jax.tasks.base import register_task
+from uniter_jax.tasks.base import Task
+from uniter_jax.tasks.base import TASKS
 
-__all__ = [
-    "TASK_OPS", "add_masked_positions", "itm_op", "masked_positions",
-    "max_masked_count", "mlm_op", "mrm_op", "pretrain_loss",
-]
+__all__ = ["TASKS", "Task", "get_task_class", "make_task", "make_tasks",
+           "pretrain", "register_task"]

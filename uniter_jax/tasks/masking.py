@@ -30,7 +30,7 @@ Semantics follow the official data/mlm.py, data/mrm.py and data/itm.py:
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -149,13 +149,3 @@ def itm_op(example: Mapping[str, Any], rng: np.random.Generator,
   else:
     out["targets"] = np.int32(1)
   return out
-
-
-TASK_OPS: dict[str, Callable[[Mapping[str, Any], np.random.Generator, Any],
-                             Example]] = {
-                                 "mlm": mlm_op,
-                                 "mrfr": mrm_op,
-                                 "mrc": mrm_op,
-                                 "mrckl": mrm_op,
-                                 "itm": itm_op,
-                             }

@@ -1,5 +1,9 @@
 """Training inputs: one data iterator per (task, dataset), and the task mix.
 
+What each (task, dataset) pair loads is the task's business: its data ops,
+batch ops, batch fields, rows per example and whether it needs soft labels
+(`uniter_jax.tasks.Task`); this module only wires them to the pipeline.
+
 The official MetaLoader repeats each `"{task}_{dataset}"` key `mix_ratio`
 times in a pool and draws one key per optimizer update; here the draw for
 update `u` is a pure function of `(seed, u)`, so a resumed run draws the
@@ -8,80 +12,17 @@ same sequence.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import logging
 import os
 from typing import Any
 
 import numpy as np
 
 from uniter_jax import data as data_lib
-from uniter_jax.tasks import losses
-from uniter_jax.tasks import masking
+from uniter_jax import tasks as tasks_lib
 
 
 def data_dir(config) -> str:
   return os.path.abspath(os.path.expanduser(config.data.data_dir))
-
-
-def maybe_build_synthetic(config) -> None:
-  """Builds the synthetic corpus into data_dir when the config asks for it."""
-  preset = config.data.synthetic
-  if not preset:
-    return
-  from data_prep import synthetic  # pylint: disable=g-import-not-at-top
-  cfg = synthetic.PRESETS.get(preset)
-  if cfg is None:
-    raise ValueError(f"config.data.synthetic={preset!r}; expected '' or one "
-                     f"of {sorted(synthetic.PRESETS)}")
-  d = data_dir(config)
-  # Two runs started together on one data_dir (a sweep, two terminals) would
-  # both build and the second would fail on TFDS's final rename; the lock
-  # makes the second wait and then find the first one's build.
-  os.makedirs(d, exist_ok=True)
-  with _file_lock(os.path.join(d, ".synthetic_build.lock")):
-    _build_or_check(cfg, d)
-
-
-@contextlib.contextmanager
-def _file_lock(path: str):
-  with open(path, "a", encoding="utf-8") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _build_or_check(cfg, d: str) -> None:
-  """Builds preset `cfg` into `d`, or checks that the build there is it."""
-  # pylint: disable=g-import-not-at-top
-  from data_prep import common
-  from data_prep import schema
-  from data_prep import synthetic
-  # pylint: enable=g-import-not-at-top
-  preset = cfg.name
-  want = synthetic.config_dict(cfg)
-  for cls in (synthetic.UniterSyntheticImages, synthetic.UniterSyntheticText):
-    builder = cls(config=cfg, data_dir=d)
-    if not os.path.exists(os.path.join(builder.data_dir,
-                                       "dataset_info.json")):
-      logging.info("building %s into %s", cls.__name__, d)
-      common.build(builder)
-      continue
-    # A corpus built by an older release under the same preset name would
-    # silently train on other data; refuse it instead.
-    have = schema.read_meta(builder.data_dir).get("config") or {}
-    # Fields added after a build was written hold their default there.
-    have = {**synthetic.config_dict(synthetic.SyntheticConfig(name=preset)),
-            **have}
-    if have != want:
-      raise ValueError(
-          f"{builder.data_dir} holds synthetic preset {preset!r} built with "
-          f"{have}, but the preset is now {want}; delete that directory (it "
-          f"is rebuilt on the next run) or set config.data.data_dir to "
-          f"another place")
 
 
 def task_keys(config) -> list[tuple[str, str, str]]:
@@ -93,12 +34,28 @@ def task_keys(config) -> list[tuple[str, str, str]]:
       raise ValueError(f"config.datasets.{name}: {len(ds.tasks)} tasks but "
                        f"{len(ds.mix_ratio)} mix ratios")
     for task in ds.tasks:
-      if task not in masking.TASK_OPS:
+      if task not in tasks_lib.TASKS:
         raise ValueError(f"config.datasets.{name}.tasks: unknown task "
-                         f"{task!r}; expected one of {sorted(masking.TASK_OPS)}")
-      out.append((f"{task}_{name}", task, name))
+                         f"{task!r}; registered tasks: "
+                         f"{sorted(tasks_lib.TASKS)}")
+      key = f"{task}_{name}"
+      if any(k == key for k, _, _ in out):
+        raise ValueError(f"config.datasets: the data key {key!r} is made "
+                         "twice (task and dataset names that end and start "
+                         "with '_'); rename one")
+      out.append((key, task, name))
   if not out:
-    raise ValueError("config.datasets is empty: no pretraining task")
+    raise ValueError("config.datasets is empty: no task to train")
+  return out
+
+
+def make_run_tasks(config) -> dict[str, tasks_lib.Task]:
+  """The tasks named in `config.datasets`, with options from the config,
+  each checked to train the config's model head."""
+  names = sorted({task for _, task, _ in task_keys(config)})
+  out = tasks_lib.make_tasks(names, config)
+  for t in out.values():
+    t.check_head(config.model_task)
   return out
 
 
@@ -124,20 +81,16 @@ def _region_rule(config) -> data_lib.RegionRule:
                              num_bb=d.num_bb if d.num_bb > 0 else None)
 
 
-def op_params(config) -> dict[str, float]:
-  t = config.train
-  return {"mlm_prob": t.mlm_prob, "mrm_prob": t.mrm_prob,
-          "itm_neg_prob": t.itm_neg_prob}
-
-
-def make_datasets(config, *, split_field: str, text_field: str,
+def make_datasets(config, tasks: dict[str, tasks_lib.Task], *,
+                  split_field: str, text_field: str,
                   token_budget: int, batch_multiple: int,
                   seed: int) -> dict[str, data_lib.UniterData]:
   """UniterData per "{task}_{dataset}" key; tasks of one dataset share
   their bucket shapes (fewer compiled programs)."""
   out: dict[str, data_lib.UniterData] = {}
   shapes: dict[str, Any] = {}
-  for key, task, name in task_keys(config):
+  for key, task_name, name in task_keys(config):
+    task = tasks[task_name]
     ds = config.datasets[name]
     split = ds[split_field]
     if not split:
@@ -147,9 +100,10 @@ def make_datasets(config, *, split_field: str, text_field: str,
         max_buckets=config.data.max_buckets,
         target_padding=config.data.target_padding,
         max_txt_len=config.data.max_txt_len, region_rule=_region_rule(config),
-        with_soft_labels=task in ("mrc", "mrckl"),
-        ops={task: masking.TASK_OPS[task]}, op_params=op_params(config),
-        seed=seed)
+        with_soft_labels=task.with_soft_labels,
+        ops=dict(task.data_ops()), op_params=task.op_params(),
+        batch_ops=task.batch_ops(), fields=task.batch_fields(),
+        rows_per_example=task.rows_per_example, seed=seed)
     if name in shapes:
       kwargs["buckets"] = shapes[name]
     out[key] = data_lib.UniterData(data_dir(config), ds[text_field], split,
@@ -167,17 +121,3 @@ def vocab_info(datasets: dict[str, data_lib.UniterData]) -> dict[str, Any]:
     raise ValueError(f"datasets disagree on vocab_size: "
                      f"{ {k: m['vocab_size'] for k, m in metas.items()} }")
   return next(iter(metas.values()))
-
-
-def with_positions(batch: dict[str, np.ndarray], task: str,
-                   mlm_prob: float, mrm_prob: float) -> dict[str, np.ndarray]:
-  """Adds the fixed-size masked-position arrays the losses gather with."""
-  if task == "mlm":
-    lt = batch["input_ids"].shape[1]
-    return losses.add_masked_positions(
-        batch, task, losses.max_masked_count(max(lt - 2, 1), mlm_prob))
-  if task in ("mrfr", "mrc", "mrckl"):
-    li = batch["img_feat"].shape[1]
-    return losses.add_masked_positions(
-        batch, task, losses.max_masked_count(li, mrm_prob))
-  return batch
