@@ -251,8 +251,8 @@ def test_bad_batch_shape_is_a_clear_error():
     net.apply({"params": params}, batch)
 
 
-def test_unknown_task_and_bad_config_errors():
-  with pytest.raises(ValueError, match="unknown task"):
+def test_unknown_head_and_bad_config_errors():
+  with pytest.raises(ValueError, match="unknown head .captioning.*expected one of"):
     um.build_model("captioning", um.config.tiny())
   cfg = um.config.tiny()
   cfg.num_attention_heads = 5
