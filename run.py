@@ -45,7 +45,18 @@ def main(argv):
   # Every process of a multi-process run calls this; the build lock makes
   # one of them build and the others accept its build.
   prepare.ensure_synthetic(config)
-  result = train.train_and_evaluate(config, _WORKDIR.value)
+  try:
+    result = train.train_and_evaluate(config, _WORKDIR.value)
+  except KeyboardInterrupt:
+    print("interrupted: stopped without saving (the last checkpoint in the "
+          "workdir is kept; rerun the same command to resume)",
+          file=sys.stderr)
+    sys.exit(130)
+  except train.RUN_ERRORS as e:
+    # Conditions a person acts on (workdir in use, disk full, a run that
+    # diverged): one line, no traceback.
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
   if result:
     print("final evaluation:")
     for k in sorted(result):

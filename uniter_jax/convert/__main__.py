@@ -19,15 +19,6 @@ from uniter_jax import model as um
 from uniter_jax.convert import core
 
 
-def _n_params(sd) -> int:
-  seen, n = set(), 0
-  for v in sd.values():
-    if id(v) not in seen:
-      seen.add(id(v))
-      n += int(np.prod(np.shape(v)))
-  return n
-
-
 def _to_flax(args) -> None:
   sd, dtype = core.read_state_dict(args.src)
   cfg = core._model_cfg(args.model_config)  # pylint: disable=protected-access
@@ -36,8 +27,9 @@ def _to_flax(args) -> None:
                               source=args.src, **head_kwargs)
   core.save_flax(args.dst, params, args.task, cfg, head_kwargs=head_kwargs,
                  source_dtype=dtype, overwrite=args.force)
-  print(f"converted {len(sd)} tensors ({_n_params(sd):,} parameters, "
-        f"{dtype}) for task '{args.task}' -> {os.path.abspath(args.dst)}")
+  print(f"converted {len(sd)} tensors ({core.count_params(sd):,} "
+        f"parameters, {dtype}) for task '{args.task}' -> "
+        f"{os.path.abspath(args.dst)}")
 
 
 def _to_torch(args) -> None:
@@ -52,8 +44,8 @@ def _to_torch(args) -> None:
   sd = core.flax_to_torch(params, args.task, meta["model_config"],
                           dtype=np.dtype(dtype), **meta.get("head_kwargs", {}))
   core.write_state_dict(sd, args.dst)
-  print(f"wrote {len(sd)} tensors ({_n_params(sd):,} parameters, {dtype}) "
-        f"for task '{args.task}' -> {os.path.abspath(args.dst)}")
+  print(f"wrote {len(sd)} tensors ({core.count_params(sd):,} parameters, "
+        f"{dtype}) for task '{args.task}' -> {os.path.abspath(args.dst)}")
 
 
 def _bert_to_uniter(args) -> None:

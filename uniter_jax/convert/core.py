@@ -297,6 +297,38 @@ def read_state_dict(path: str | os.PathLike[str]) -> tuple[StateDict, str]:
   return sd, dtype
 
 
+def _umask() -> int:
+  """The process umask. Linux reports it in /proc/self/status; elsewhere it
+  is read by setting and restoring it at once (not thread-safe, hence the
+  last resort)."""
+  try:
+    with open("/proc/self/status", encoding="ascii") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except (OSError, ValueError, IndexError):
+    pass
+  old = os.umask(0o022)
+  os.umask(old)
+  return old
+
+
+def count_params(sd: Mapping[str, Any]) -> int:
+  """Parameters in a state_dict, each distinct tensor once.
+
+  A tied key (`names.TIED_KEYS`) adds nothing when the tensor it is tied to
+  is present: a file read back gives the two keys as separate copies, while
+  `flax_to_torch` gives one shared array, and both must count the same.
+  """
+  seen, n = set(), 0
+  for k, v in sd.items():
+    if names.TIED_KEYS.get(k) in sd or id(v) in seen:
+      continue
+    seen.add(id(v))
+    n += int(np.prod(np.shape(v)))
+  return n
+
+
 def write_state_dict(sd: Mapping[str, np.ndarray],
                      path: str | os.PathLike[str]) -> None:
   """Writes a torch state_dict atomically (tmp file, then rename).
@@ -315,6 +347,9 @@ def write_state_dict(sd: Mapping[str, np.ndarray],
   os.close(fd)
   try:
     torch.save(out, tmp)
+    # mkstemp creates the file 0600; the result should be readable by whom
+    # any other file the user writes is (0644 under the usual umask 022).
+    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
@@ -335,6 +370,7 @@ def save_flax(dst_dir: str | os.PathLike[str], params: Mapping, task: str,
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
   try:
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700, as os.makedirs would
     flat = traverse_util.flatten_dict(dict(params))
     meta = {
         "format_version": FORMAT_VERSION,

@@ -1,9 +1,17 @@
 """The train loop, train state and steps, optimizer, sharding, checkpoints,
 metrics and plots."""
 
+from uniter_jax.train.checkpoint import CheckpointRestoreError
+from uniter_jax.train.checkpoint import CheckpointWriteError
 from uniter_jax.train.step import eval_step, train_step, TrainState
 from uniter_jax.train.trainer import NonFiniteError
 from uniter_jax.train.trainer import train_and_evaluate
+from uniter_jax.train.workdir import WorkdirBusyError
 
-__all__ = ["NonFiniteError", "TrainState", "eval_step", "train_and_evaluate",
-           "train_step"]
+# Errors of a run that a person acts on (run.py prints them in one line).
+RUN_ERRORS = (NonFiniteError, WorkdirBusyError, CheckpointWriteError,
+              CheckpointRestoreError)
+
+__all__ = ["CheckpointRestoreError", "CheckpointWriteError", "NonFiniteError",
+           "RUN_ERRORS", "TrainState", "WorkdirBusyError", "eval_step",
+           "train_and_evaluate", "train_step"]

@@ -1,13 +1,25 @@
-"""Metrics: JSON lines and TensorBoard event files, written by process 0."""
+"""Metrics: JSON lines and TensorBoard event files, written by process 0.
+
+A run can die anywhere: inside a `write` (leaving a torn last line), or
+after logging updates its last checkpoint does not hold (a resume replays
+them). `MetricWriter(workdir, resume_step=S)` therefore cuts both files
+back to update S before appending, and `read_metrics` tolerates what an
+older run or a hand-edited file may still contain.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-from typing import Any, Mapping
+import tempfile
+import time
+from typing import Any, Mapping, MutableMapping
 
 import jax
 import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
 
 
 def _plain(v: Any) -> Any:
@@ -16,18 +28,98 @@ def _plain(v: Any) -> Any:
   return v
 
 
+def _parse(line: str) -> dict[str, Any] | None:
+  """The row on `line`, or None when it is not a JSON object (torn)."""
+  try:
+    row = json.loads(line)
+  except ValueError:
+    return None
+  return row if isinstance(row, dict) else None
+
+
+def _step(row: Mapping[str, Any]) -> int | None:
+  s = row.get("step")
+  return int(s) if isinstance(s, (int, float)) and not isinstance(
+      s, bool) else None
+
+
 class MetricWriter:
   """Appends `{"step": s, ...}` lines to `<workdir>/metrics.jsonl` and
-  writes the scalars to TensorBoard under `<workdir>/tensorboard/`."""
+  writes the scalars to TensorBoard under `<workdir>/tensorboard/`.
 
-  def __init__(self, workdir: str):
+  `resume_step`: the update of the checkpoint the run starts from (0 for a
+  fresh training run), or None to keep every existing row (evaluation of a
+  finished run). Rows with `step > resume_step` are dropped before anything
+  is appended, since the run is about to log those updates again, and
+  TensorBoard is told to hide its events from `resume_step + 1` on. A torn
+  last line is dropped in any case: appending after it would glue the next
+  row onto it.
+  """
+
+  def __init__(self, workdir: str, resume_step: int | None = None):
     self.enabled = jax.process_index() == 0
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = os.path.join(workdir, METRICS_FILE)
     self._tb = None
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
+      self._repair(resume_step)
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      # tensorboardX names event files by the second they were opened; a
+      # restart within that second would reopen (and truncate) the previous
+      # file. The nanosecond suffix keeps the names distinct and still in
+      # opening order, which is the order TensorBoard applies purges in.
+      self._tb = SummaryWriter(
+          os.path.join(workdir, "tensorboard"),
+          purge_step=None if resume_step is None else int(resume_step) + 1,
+          filename_suffix=f".{time.time_ns()}")
+
+  def _repair(self, resume_step: int | None) -> None:
+    """Rewrites metrics.jsonl without torn lines and, when resuming, without
+    the rows after `resume_step`. The rewrite goes to a temporary file in the
+    same directory and replaces the original in one rename, so a crash
+    during the repair leaves the old file whole."""
+    if not os.path.exists(self.path):
+      return
+    with open(self.path, encoding="utf-8", errors="replace") as f:
+      lines = f.readlines()
+    keep, torn, after = [], 0, 0
+    for line in lines:
+      if not line.strip():
+        continue
+      row = _parse(line)
+      if row is None:
+        torn += 1
+        continue
+      step = _step(row)
+      if resume_step is not None and step is not None and step > resume_step:
+        after += 1
+        continue
+      keep.append(line if line.endswith("\n") else line + "\n")
+    if not torn and not after and (not lines or lines[-1].endswith("\n")):
+      return
+    d = os.path.dirname(os.path.abspath(self.path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{METRICS_FILE}.tmp-", dir=d)
+    try:
+      with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.writelines(keep)
+        f.flush()
+        os.fsync(f.fileno())
+      os.chmod(tmp, os.stat(self.path).st_mode & 0o7777)
+      os.replace(tmp, self.path)
+    except BaseException:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+      raise
+    parts = []
+    if after:
+      parts.append(f"{after} row{'s' if after != 1 else ''} after update "
+                   f"{resume_step} (the run resumes from its checkpoint and "
+                   f"logs them again)")
+    if torn:
+      parts.append(f"{torn} torn line{'s' if torn != 1 else ''}")
+    logging.log(logging.WARNING if torn else logging.INFO,
+                "%s: dropped %s; %d rows kept", self.path,
+                " and ".join(parts), len(keep))
 
   def write(self, step: int, scalars: Mapping[str, Any]) -> None:
     if not self.enabled:
@@ -45,9 +137,45 @@ class MetricWriter:
       self._tb.close()
 
 
-def read_metrics(workdir: str) -> list[dict[str, Any]]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+def read_metrics(workdir: str, stats: MutableMapping[str, int] | None = None
+                 ) -> list[dict[str, Any]]:
+  """The rows of `<workdir>/metrics.jsonl`, in file order.
+
+  A line that is not a JSON object (a crash inside a write) is skipped, so a
+  finished run still plots. When a later row has the same step as an earlier
+  one and shares a key with it, the later row wins: it was logged by the run
+  that resumed and replayed that update. Rows of one step with disjoint keys
+  (training and evaluation) are all kept. Skips are logged as one warning;
+  `stats`, when given, receives the counts {"rows", "torn", "duplicates"}.
+  """
+  path = os.path.join(workdir, METRICS_FILE)
+  rows: list[dict[str, Any] | None] = []
+  by_step: dict[int, list[int]] = {}
+  torn = dup = 0
+  if os.path.exists(path):
+    with open(path, encoding="utf-8", errors="replace") as f:
+      for line in f:
+        if not line.strip():
+          continue
+        row = _parse(line)
+        if row is None:
+          torn += 1
+          continue
+        step = _step(row)
+        if step is not None:
+          keys = row.keys() - {"step"}
+          for i in by_step.get(step, []):
+            if rows[i] is not None and keys & rows[i].keys():
+              rows[i] = None
+              dup += 1
+          by_step.setdefault(step, []).append(len(rows))
+        rows.append(row)
+  out = [r for r in rows if r is not None]
+  if torn or dup:
+    logging.warning("%s: skipped %d torn line%s and %d duplicate row%s (a "
+                    "later row of the same step replaces each); %d rows read",
+                    path, torn, "" if torn == 1 else "s", dup,
+                    "" if dup == 1 else "s", len(out))
+  if stats is not None:
+    stats.update(rows=len(out), torn=torn, duplicates=dup)
+  return out

@@ -39,6 +39,15 @@ def _l2(tree) -> jax.Array:
   return optax.global_norm(tree)
 
 
+def all_finite(tree) -> jax.Array:
+  """True when no floating-point leaf of `tree` holds NaN or inf."""
+  leaves = [x for x in jax.tree_util.tree_leaves(tree)
+            if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  if not leaves:
+    return jnp.ones((), bool)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 def train_step(state: TrainState, batch, *, model, task,
                grad_scale: float = 1.0) -> tuple[TrainState, dict]:
   """One micro-step: gradients of `task`'s loss, then the optax update.
@@ -47,9 +56,12 @@ def train_step(state: TrainState, batch, *, model, task,
   (`grad_scale` holds the official summed-gradient scale); the reported
   `loss` is unscaled. Dropout draws from `fold_in(state.rng, state.step)`.
 
-  A non-finite loss or gradient leaves params and optimizer state as they
-  were and records the step in `bad_step`; the host checks it at log and
-  checkpoint steps, so no host sync happens here.
+  A non-finite loss or gradient, or an update that would make a parameter
+  or the optimizer state non-finite (a learning rate that overflows, Adam
+  moments that overflow), leaves params and optimizer state as they were
+  and records the step in `bad_step`; the host checks it at log and
+  checkpoint steps (so a non-finite state is never saved), and no host sync
+  happens here.
   """
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   scale = float(grad_scale) * float(task.loss_weight)
@@ -61,10 +73,10 @@ def train_step(state: TrainState, batch, *, model, task,
     return loss * scale, (loss, metrics)
 
   grads, (loss, metrics) = jax.grad(loss_fn, has_aux=True)(state.params)
-  finite = jnp.isfinite(loss) & jnp.all(jnp.stack(
-      [jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]))
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  finite = (jnp.isfinite(loss) & all_finite(grads) & all_finite(params)
+            & all_finite(opt_state))
   keep = functools.partial(jax.tree_util.tree_map,
                            lambda new, old: jnp.where(finite, new, old))
   bad = jnp.where((state.bad_step < 0) & ~finite, state.step, state.bad_step)

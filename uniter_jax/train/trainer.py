@@ -19,6 +19,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
@@ -31,6 +32,7 @@ from uniter_jax.train import metrics as metrics_lib
 from uniter_jax.train import optim
 from uniter_jax.train import sharding
 from uniter_jax.train import step as step_lib
+from uniter_jax.train import workdir as workdir_lib
 from uniter_jax.train.step import TrainState
 
 
@@ -60,23 +62,56 @@ def _mean_metrics(pending) -> dict[str, float]:
 
 
 class _StopFlag:
-  """Set by SIGTERM/SIGINT; the loop saves a checkpoint and returns."""
+  """Set by a stop request; the loop saves a checkpoint and returns.
+
+  SIGTERM (what Kubernetes, most schedulers and TPU VM preemption send
+  before the kill), SIGINT (Ctrl-C) and SIGUSR1 (SLURM's `--signal=USR1@T`
+  warning) all ask the run to finish the current update, save and exit 0. A
+  second Ctrl-C raises KeyboardInterrupt at once (nothing more is saved).
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
   def __init__(self):
     self.signum = None
     self._old = {}
 
   def __enter__(self):
-    for s in (signal.SIGTERM,):
+    for s in self.SIGNALS:
       self._old[s] = signal.signal(s, self._set)
     return self
 
   def _set(self, signum, frame):  # pylint: disable=unused-argument
+    if self.signum is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt("second Ctrl-C: stopping without saving")
     self.signum = signum
+    logging.warning("%s received: finishing this update, saving a "
+                    "checkpoint, then stopping%s",
+                    signal.Signals(signum).name,
+                    " (Ctrl-C again quits at once)"
+                    if signum == signal.SIGINT else "")
 
   def __exit__(self, *exc):
     for s, h in self._old.items():
       signal.signal(s, h)
+
+
+def _should_stop(stop, sync_point: bool) -> bool:
+  """Whether every process stops after this update.
+
+  One process alone: as soon as it got a stop request. Several processes:
+  a request reaches some of them only (or at different updates), and a
+  process that stops alone leaves the others waiting in a collective, so
+  they agree at the log steps (`sync_point`), where they all meet anyway.
+  """
+  asked = stop.signum is not None
+  if jax.process_count() == 1:
+    return asked
+  if not sync_point:
+    return False
+  flags = multihost_utils.process_allgather(np.asarray([int(asked)],
+                                                       np.int32))
+  return bool(np.any(flags))
 
 
 def _maybe_init_distributed(config) -> None:
@@ -110,10 +145,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   if config.mode not in ("train", "eval"):
     raise ValueError(f"config.mode={config.mode!r}; expected 'train' or "
                      "'eval'")
-  training = config.mode == "train"
   tasks = input_lib.make_run_tasks(config)
   _maybe_init_distributed(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))
+  # One run per workdir: a second one stops here, naming the holder. Only
+  # process 0 holds the lock; the kernel drops it when the process dies.
+  lock = (workdir_lib.WorkdirLock(workdir).acquire()
+          if jax.process_index() == 0 else None)
+  try:
+    return _run(config, workdir, tasks, lock)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _run(config, workdir: str, tasks, lock) -> dict[str, float]:
+  """The body of `train_and_evaluate`, with the workdir locked."""
+  training = config.mode == "train"
   is_main = jax.process_index() == 0
   if is_main and training:
     os.makedirs(workdir, exist_ok=True)
@@ -166,11 +214,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     # ------------------------------------------ shardings, then the state
     abstract, state_sh = sharding.state_shardings(init_state(True), mesh,
                                                   config.logical_axis_rules)
-    ckpt = ckpt_lib.Checkpointer(workdir, config.checkpoint.keep)
-    latest = ckpt.latest_step()
+    # Restores the newest checkpoint that restores (a damaged one is
+    # skipped with a warning, never deleted); leftovers of a save killed
+    # midway are removed while the lock is held.
+    ckpt = ckpt_lib.Checkpointer(workdir, config.checkpoint.keep,
+                                 remove_partial_saves=lock is not None)
+    found = ckpt.restore_latest(abstract)
+    latest = None
     data_state: dict[str, Any] = {}
-    if latest is not None:
-      state, data_state = ckpt.restore(latest, abstract)
+    if found is not None:
+      latest, state, data_state = found
       logging.info("resumed from %s at update %d", ckpt.directory, latest)
     elif not training:
       ckpt.close()
@@ -199,7 +252,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
         batch_multiple=multiple, meta=meta, workdir=workdir, config=config)
     scheduled = evaluators.base.from_config(ctx, config.evals,
                                             config.eval.every_steps)
-    writer = metrics_lib.MetricWriter(workdir)
+    # A resumed run logs again every update after its checkpoint: rows a
+    # crashed run wrote past it are dropped (and purged from TensorBoard).
+    writer = metrics_lib.MetricWriter(
+        workdir, resume_step=(latest or 0) if training else None)
 
     def evaluate(update: int, done: bool) -> dict[str, float]:
       """Runs the due evaluators; those that only run at the end (plots)
@@ -242,44 +298,48 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     pending: list = []
     t0, examples, tokens = time.perf_counter(), 0, 0
     progress = _progress(is_main, total_micro // accum, step // accum)
-    with _StopFlag() as stop:
-      while step < total_micro:
-        update = step // accum
-        key = input_lib.task_for_update(pool, config.seed, update)
-        task = key_task[key]
-        batch = next(iters[key])
-        examples += batch["input_ids"].shape[0] * jax.process_count()
-        tokens += int(batch["attn_masks"].sum()) * jax.process_count()
-        state, m = train_steps[task](state, sharding.to_global(batch, mesh))
-        pending.append((task, m))
-        step += 1
-        if step % accum:
-          continue
-        update = step // accum
-        progress.update(1)
-        done = step >= total_micro
-        if update % config.log_every_steps == 0 or done or stop.signum:
-          _check_finite(state, task, ckpt)
-          row = _mean_metrics(pending)
-          dt = time.perf_counter() - t0
-          row.update({"train/lr": float(optim.learning_rate_at(
-              tcfg, update - 1)), "train/examples_per_sec": examples / dt,
-                      "train/tokens_per_sec": tokens / dt,
-                      "train/updates_per_sec": len(pending) / accum / dt})
-          writer.write(update, row)
-          progress.set_postfix(loss=f"{row['train/loss']:.3f}")
-          pending, t0, examples, tokens = [], time.perf_counter(), 0, 0
-        if any(s.due(update, done) for s in scheduled):
-          last_eval = evaluate(update, done) or last_eval
-          t0 = time.perf_counter()
-        if update % config.checkpoint.every_steps == 0 or done or stop.signum:
-          _check_finite(state, task, ckpt)
-          save(update)
-        if stop.signum:
-          logging.warning("signal %d: saved update %d, stopping", stop.signum,
-                          update)
-          break
-    progress.close()
+    try:
+      with _StopFlag() as stop:
+        while step < total_micro:
+          update = step // accum
+          key = input_lib.task_for_update(pool, config.seed, update)
+          task = key_task[key]
+          batch = next(iters[key])
+          examples += batch["input_ids"].shape[0] * jax.process_count()
+          tokens += int(batch["attn_masks"].sum()) * jax.process_count()
+          state, m = train_steps[task](state, sharding.to_global(batch, mesh))
+          pending.append((task, m))
+          step += 1
+          if step % accum:
+            continue
+          update = step // accum
+          progress.update(1)
+          done = step >= total_micro
+          stopping = _should_stop(stop, update % config.log_every_steps == 0
+                                  or done)
+          if update % config.log_every_steps == 0 or done or stopping:
+            _check_finite(state, task, ckpt)
+            row = _mean_metrics(pending)
+            dt = time.perf_counter() - t0
+            row.update({"train/lr": float(optim.learning_rate_at(
+                tcfg, update - 1)), "train/examples_per_sec": examples / dt,
+                        "train/tokens_per_sec": tokens / dt,
+                        "train/updates_per_sec": len(pending) / accum / dt})
+            writer.write(update, row)
+            progress.set_postfix(loss=f"{row['train/loss']:.3f}")
+            pending, t0, examples, tokens = [], time.perf_counter(), 0, 0
+          if any(s.due(update, done) for s in scheduled):
+            last_eval = evaluate(update, done) or last_eval
+            t0 = time.perf_counter()
+          if update % config.checkpoint.every_steps == 0 or done or stopping:
+            _check_finite(state, task, ckpt)
+            save(update)
+          if stopping:
+            logging.warning("stop requested: saved update %d in %s; rerun the "
+                            "same command to resume", update, ckpt.directory)
+            break
+    finally:
+      progress.close()
     writer.close()
     ckpt.close()
     # The converter-format export is written by one process with orbax's
@@ -326,13 +386,16 @@ def _init_params(config, model, tasks, fresh, shardings):
 
 def _check_finite(state: TrainState, task: str,
                   ckpt: ckpt_lib.Checkpointer) -> None:
+  """Stops the run (before anything is saved) when a step was not finite."""
   bad = int(jax.device_get(state.bad_step))
   if bad >= 0:
+    last = ckpt.latest_step()
+    where = (f"The last good checkpoint is update {last} in {ckpt.directory}."
+             if last is not None else "No checkpoint was written.")
     raise NonFiniteError(
-        f"non-finite loss or gradient at micro-step {bad} (task '{task}' or "
-        f"earlier since the last log); that update was not applied and the "
-        f"run stops here. The last good checkpoint is update "
-        f"{ckpt.latest_step()} in {ckpt.directory}.")
+        f"non-finite loss, gradient or updated state at micro-step {bad} "
+        f"(task '{task}' or earlier since the last log); that update was not "
+        f"applied and the run stops here. {where}")
 
 
 def _progress(enabled: bool, total: int, initial: int):
