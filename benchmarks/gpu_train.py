@@ -53,7 +53,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_train as bt  # pylint: disable=g-import-not-at-top,wrong-import-position
 from uniter_jax import model as um  # pylint: disable=g-import-not-at-top,wrong-import-position
-from uniter_jax import ot as ot_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 H100_BF16_DENSE_TFLOPS = 989.0
 # B x Lt x Li, each B * (Lt + Li) = 10240 (the official per-device budget).

@@ -2,11 +2,9 @@
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -112,47 +110,6 @@ def test_run_py_end_to_end(tmp_path):
   r2 = _run_py(_overrides(4, tmp_path))
   assert r2.returncode == 0, r2.stderr[-2000:]
   assert len(losses(str(tmp_path))) == 4
-
-
-class _StopAfter:
-  """Stands in for the SIGTERM flag: 'signals' once `update` is drawn."""
-
-  def __init__(self, update):
-    self.update = update
-    self.signum = None
-
-  def __enter__(self):
-    orig = input_lib.task_for_update
-
-    def spy(pool, seed, u):
-      if u >= self.update - 1:  # set while the last update runs
-        self.signum = signal.SIGTERM
-      return orig(pool, seed, u)
-
-    self._orig = orig
-    input_lib.task_for_update = spy
-    return self
-
-  def __exit__(self, *exc):
-    input_lib.task_for_update = self._orig
-
-
-def test_resume_is_exact(tmp_path, monkeypatch):
-  full, part = str(tmp_path / "full"), str(tmp_path / "part")
-  trainer.train_and_evaluate(tiny_config(steps=4), full)
-  # Interrupted after update 2 (as SIGTERM would), then resumed to 4.
-  stopper = _StopAfter(2)
-  monkeypatch.setattr(trainer, "_StopFlag", lambda: stopper)
-  trainer.train_and_evaluate(tiny_config(steps=4), part)
-  assert ckpt_lib.Checkpointer(part, 3).latest_step() == 2
-  assert len(losses(part)) == 2
-  monkeypatch.undo()
-  trainer.train_and_evaluate(tiny_config(steps=4), part)
-  assert losses(part) == losses(full)  # same data order, same numbers
-  a, b = _flat_params(full, 4), _flat_params(part, 4)
-  assert a.keys() == b.keys()
-  for k in a:
-    np.testing.assert_array_equal(a[k], b[k], err_msg="/".join(k))
 
 
 def test_nan_in_a_batch_stops_the_run(tmp_path, monkeypatch):
@@ -308,40 +265,3 @@ def test_two_processes_train_together(tmp_path):
   np.testing.assert_allclose([l for _, l in multi], [l for _, l in one],
                              rtol=2e-4)
   assert ckpt_lib.Checkpointer(str(tmp_path / "multi"), 3).latest_step() == 3
-
-
-def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
-  args = _overrides(100000, tmp_path, ["--config.checkpoint.every_steps=1000",
-                                       "--config.log_every_steps=1"])
-  p = subprocess.Popen([sys.executable, os.path.join(ROOT, "run.py"), *args],
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                       text=True, env=_env())
-  deadline = time.time() + 300
-  while time.time() < deadline and len(losses(str(tmp_path))) < 3:
-    time.sleep(0.5)
-  p.send_signal(signal.SIGTERM)
-  _, err = p.communicate(timeout=120)
-  assert p.returncode == 0, err[-3000:]
-  step = ckpt_lib.Checkpointer(str(tmp_path), 3).latest_step()
-  assert step is not None and 3 <= step < 100000
-  assert _flat_params(str(tmp_path), step)
-
-
-def test_kill_during_saves_leaves_a_loadable_latest_checkpoint(tmp_path):
-  args = _overrides(100000, tmp_path, ["--config.checkpoint.every_steps=1",
-                                       "--config.checkpoint.keep=2"])
-  p = subprocess.Popen([sys.executable, os.path.join(ROOT, "run.py"), *args],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                       env=_env())
-  ckdir = tmp_path / "checkpoints"
-  deadline = time.time() + 300
-  while time.time() < deadline and not (
-      ckdir.exists() and len([d for d in os.listdir(ckdir)
-                              if d.isdigit()]) >= 2):
-    time.sleep(0.05)
-  time.sleep(0.3)  # saving every update: the kill lands in or near a save
-  p.kill()
-  p.wait()
-  step = ckpt_lib.Checkpointer(str(tmp_path), 2).latest_step()
-  assert step is not None
-  assert _flat_params(str(tmp_path), step)

@@ -33,7 +33,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from uniter_jax import ot as ot_lib
 
 Batch = Mapping[str, Any]
 Metrics = dict[str, jax.Array]
