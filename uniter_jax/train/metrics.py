@@ -37,6 +37,23 @@ def _parse(line: str) -> dict[str, Any] | None:
   return row if isinstance(row, dict) else None
 
 
+def _read_rows(path: str) -> tuple[list[tuple[str, dict[str, Any]]], int]:
+  """`(line, row)` of every JSON-object line of `path`, and how many lines
+  were torn (not a JSON object); blank lines are neither."""
+  good, torn = [], 0
+  if os.path.exists(path):
+    with open(path, encoding="utf-8", errors="replace") as f:
+      for line in f:
+        if not line.strip():
+          continue
+        row = _parse(line)
+        if row is None:
+          torn += 1
+        else:
+          good.append((line, row))
+  return good, torn
+
+
 def _step(row: Mapping[str, Any]) -> int | None:
   s = row.get("step")
   return int(s) if isinstance(s, (int, float)) and not isinstance(
@@ -82,14 +99,9 @@ class MetricWriter:
       return
     with open(self.path, encoding="utf-8", errors="replace") as f:
       lines = f.readlines()
-    keep, torn, after = [], 0, 0
-    for line in lines:
-      if not line.strip():
-        continue
-      row = _parse(line)
-      if row is None:
-        torn += 1
-        continue
+    good, torn = _read_rows(self.path)
+    keep, after = [], 0
+    for line, row in good:
       step = _step(row)
       if resume_step is not None and step is not None and step > resume_step:
         after += 1
@@ -151,25 +163,18 @@ def read_metrics(workdir: str, stats: MutableMapping[str, int] | None = None
   path = os.path.join(workdir, METRICS_FILE)
   rows: list[dict[str, Any] | None] = []
   by_step: dict[int, list[int]] = {}
-  torn = dup = 0
-  if os.path.exists(path):
-    with open(path, encoding="utf-8", errors="replace") as f:
-      for line in f:
-        if not line.strip():
-          continue
-        row = _parse(line)
-        if row is None:
-          torn += 1
-          continue
-        step = _step(row)
-        if step is not None:
-          keys = row.keys() - {"step"}
-          for i in by_step.get(step, []):
-            if rows[i] is not None and keys & rows[i].keys():
-              rows[i] = None
-              dup += 1
-          by_step.setdefault(step, []).append(len(rows))
-        rows.append(row)
+  good, torn = _read_rows(path)
+  dup = 0
+  for _, row in good:
+    step = _step(row)
+    if step is not None:
+      keys = row.keys() - {"step"}
+      for i in by_step.get(step, []):
+        if rows[i] is not None and keys & rows[i].keys():
+          rows[i] = None
+          dup += 1
+      by_step.setdefault(step, []).append(len(rows))
+    rows.append(row)
   out = [r for r in rows if r is not None]
   if torn or dup:
     logging.warning("%s: skipped %d torn line%s and %d duplicate row%s (a "
