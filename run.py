@@ -18,6 +18,7 @@ here, by data_prep: the uniter_jax library only reads datasets.
 """
 
 import logging
+import os
 import sys
 
 from absl import app
@@ -47,6 +48,12 @@ def main(argv):
   prepare.ensure_synthetic(config)
   try:
     result = train.train_and_evaluate(config, _WORKDIR.value)
+  except train.PeerLostError as e:
+    # Exit now: JAX's shutdown at interpreter exit would wait for the dead
+    # peer at a barrier and then abort with a native stack dump.
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)  # pylint: disable=protected-access
   except KeyboardInterrupt:
     print("interrupted: stopped without saving (the last checkpoint in the "
           "workdir is kept; rerun the same command to resume)",

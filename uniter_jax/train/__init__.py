@@ -5,6 +5,7 @@ from uniter_jax.train.checkpoint import CheckpointRestoreError
 from uniter_jax.train.checkpoint import CheckpointWriteError
 from uniter_jax.train.step import eval_step, train_step, TrainState
 from uniter_jax.train.trainer import NonFiniteError
+from uniter_jax.train.trainer import PeerLostError
 from uniter_jax.train.trainer import train_and_evaluate
 from uniter_jax.train.workdir import WorkdirBusyError
 
@@ -13,5 +14,6 @@ RUN_ERRORS = (NonFiniteError, WorkdirBusyError, CheckpointWriteError,
               CheckpointRestoreError)
 
 __all__ = ["CheckpointRestoreError", "CheckpointWriteError", "NonFiniteError",
+           "PeerLostError",
            "RUN_ERRORS", "TrainState", "WorkdirBusyError", "eval_step",
            "train_and_evaluate", "train_step"]

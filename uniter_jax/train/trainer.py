@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import os
+import re
 import signal
 import time
 from typing import Any
@@ -38,6 +39,20 @@ from uniter_jax.train.step import TrainState
 
 class NonFiniteError(FloatingPointError):
   """A loss or gradient was NaN/inf; the run stopped without saving it."""
+
+
+class PeerLostError(RuntimeError):
+  """Another process of a multi-process run died or became unreachable.
+
+  The process that raises it must exit without JAX's shutdown barrier,
+  which would wait for the dead peer and then abort (`run.py` does so).
+  """
+
+
+# Words of the runtime errors that mean a peer is gone: gloo's broken
+# connections and the coordination service's heartbeat verdicts.
+_PEER_LOST_MARKERS = ("Connection closed by peer", "Connection reset by peer",
+                      "heartbeat", "unhealthy", "Gloo", "UNAVAILABLE")
 
 
 def build_model(config, vocab_size: int) -> nn.Module:
@@ -154,9 +169,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
           if jax.process_index() == 0 else None)
   try:
     return _run(config, workdir, tasks, lock)
+  except jax.errors.JaxRuntimeError as e:
+    if jax.process_count() == 1 or not any(m in str(e)
+                                            for m in _PEER_LOST_MARKERS):
+      raise
+    raise PeerLostError(_peer_lost_message(e, workdir)) from e
   finally:
     if lock is not None:
       lock.release()
+
+
+def _peer_lost_message(err: Exception, workdir: str) -> str:
+  """One line: which process lost which, why, and where to resume from."""
+  me, n = jax.process_index(), jax.process_count()
+  peer = re.search(r"\[([0-9a-fA-F.:]+)\]:(\d+)", str(err))
+  who = (f"process {1 - me}" if n == 2 else "another process") + (
+      f" (at {peer.group(1)}:{peer.group(2)})" if peer else "")
+  first = str(err).strip().splitlines()[0][:160]
+  ckdir = os.path.join(workdir, "checkpoints")
+  steps = sorted(int(d) for d in (os.listdir(ckdir) if os.path.isdir(ckdir)
+                                  else []) if d.isdigit())
+  last = (f"the last checkpoint is update {steps[-1]} in {ckdir}" if steps
+          else "no checkpoint was written")
+  return (f"process {me} of {n} lost {who}: {first}; {last}; restart every "
+          "process to resume")
 
 
 def _run(config, workdir: str, tasks, lock) -> dict[str, float]:
