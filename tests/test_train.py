@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+import multiproc
 from configs import demo
 from data_prep import prepare
 from uniter_jax import convert
@@ -221,14 +221,7 @@ def test_sharded_training_matches_one_device(tmp_path, mesh):
                              rtol=2e-4)
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_train_together(tmp_path):
-  port = _free_port()
   common = ["--config.mesh.data=-1", "--config.log_every_steps=1",
             "--config.checkpoint.every_steps=3",
             "--config.evals.loss_curves.every_steps=-1",
@@ -239,17 +232,8 @@ def test_two_processes_train_together(tmp_path):
             "--config.train.sum_grads=False", "--config.train.token_budget=256"]
   # Build the data once so both processes find it.
   tiny_config()
-  procs = []
-  for pid in range(2):
-    args = _overrides(3, tmp_path / "multi", common + [
-        "--config.distributed.enabled=True",
-        f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-        "--config.distributed.num_processes=2",
-        f"--config.distributed.process_id={pid}"])
-    procs.append(subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "run.py"), *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=_env(1)))
+  procs = multiproc.start(_overrides(3, tmp_path / "multi", common),
+                          _env(1))
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
