@@ -100,7 +100,8 @@ class UniterData:
       that casts on the device (the Flax UNITER casts `img_feat` to its
       compute dtype). Saves the host-side cast and half of the feature
       bytes copied and sent to the device; values are the same.
-    ops: per-example task ops (names in the registry or callables).
+    ops: per-example task ops: a task's `data_ops()` mapping of names to
+      callables, or a sequence of callables.
     op_params: hyper-parameters the ops read from their context, e.g.
       {"mlm_prob": 0.15, "itm_neg_prob": 0.5}.
     rows_per_example: rows of the batch per example (1: one row each; NLVR2

@@ -27,7 +27,7 @@ def retrieval_pairs(data, num_images: int):
   return texts, txt_img[texts], np.asarray(images)
 
 
-def recall_at_k(scores: np.ndarray, gt: np.ndarray
+def retrieval_ranks(scores: np.ndarray, gt: np.ndarray
                 ) -> tuple[np.ndarray, np.ndarray]:
   """Ranks of the true pairs in a [texts, images] score matrix.
 
@@ -97,7 +97,7 @@ class ZeroShotRetrieval(Evaluator):
     scores = np.asarray(jax.device_get(scores))[:, :n_img]  # [texts, images]
     column = {int(i): j for j, i in enumerate(images)}
     gt = np.asarray([column[int(i)] for i in text_img])
-    ir_rank, tr_rank = recall_at_k(scores, gt)
+    ir_rank, tr_rank = retrieval_ranks(scores, gt)
     for k in (1, 5, 10):
       yield f"val/zs_ir_r{k}", float(np.mean(ir_rank < k) * 100)
     for k in (1, 5, 10):

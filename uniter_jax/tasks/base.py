@@ -65,7 +65,7 @@ class Task:
   @classmethod
   def from_config(cls, config) -> "Task":
     """The task with its options read from a run config."""
-    return cls(loss_weight=_loss_weight(config, cls.name))
+    return cls(loss_weight=loss_weight_of(config, cls.name))
 
   # -- data -----------------------------------------------------------------
   def data_ops(self) -> Mapping[str, Callable]:
@@ -103,7 +103,8 @@ class Task:
                        f"but the model is '{head}' (config.model_task)")
 
 
-def _loss_weight(config, name: str) -> float:
+def loss_weight_of(config, name: str) -> float:
+  """`config.train.loss_weights[name]`, 1.0 when the config sets none."""
   weights = config.train.get("loss_weights", None) if config else None
   if weights is None:
     return 1.0
@@ -137,9 +138,10 @@ def get_task_class(name: str) -> type[Task]:
 def make_task(name: str, config=None, **options) -> Task:
   """Task `name` with options from `config` (or given directly)."""
   cls = get_task_class(name)
-  if config is not None and not options:
-    return cls.from_config(config)
-  return cls(**options)
+  if config is not None and options:
+    raise TypeError(f"make_task({name!r}): give a config or options, not "
+                    "both (the config's values would be ignored)")
+  return cls.from_config(config) if config is not None else cls(**options)
 
 
 def make_tasks(names: Sequence[str], config) -> dict[str, Task]:

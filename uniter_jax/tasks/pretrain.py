@@ -23,7 +23,7 @@ from uniter_jax import ot as ot_lib
 from uniter_jax.data import contract
 from uniter_jax.tasks import losses
 from uniter_jax.tasks import masking
-from uniter_jax.tasks.base import Task, register_task
+from uniter_jax.tasks.base import loss_weight_of, register_task, Task
 
 _FIELDS = {f.name: f for f in contract.PRETRAIN_FIELDS}
 
@@ -50,7 +50,7 @@ class PretrainTask(Task):
   @classmethod
   def _options(cls, config) -> dict[str, Any]:
     t = config.train
-    return {"loss_weight": float(t.loss_weights.get(cls.name, 1.0)),
+    return {"loss_weight": loss_weight_of(config, cls.name),
             "mlm_prob": t.mlm_prob, "mrm_prob": t.mrm_prob,
             "itm_neg_prob": t.itm_neg_prob}
 

@@ -186,6 +186,8 @@ def _peer_lost_message(err: Exception, workdir: str) -> str:
   who = (f"process {1 - me}" if n == 2 else "another process") + (
       f" (at {peer.group(1)}:{peer.group(2)})" if peer else "")
   first = str(err).strip().splitlines()[0][:160]
+  # Listed by hand, not through an orbax manager: with a peer gone, nothing
+  # that may wait for the other processes can run.
   ckdir = os.path.join(workdir, "checkpoints")
   steps = sorted(int(d) for d in (os.listdir(ckdir) if os.path.isdir(ckdir)
                                   else []) if d.isdigit())
