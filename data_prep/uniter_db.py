@@ -13,6 +13,12 @@ Formats (facts of the official code, see docs/data_prep.md):
 
 Both builders read from TFDS's `manual_dir`; a config names the db folder
 relative to it (empty: `manual_dir` is the db folder itself).
+
+Answer vocabularies: a txt_db of task "ve" gets the official VE labels
+(`annotations.VE_LABEL2ANS`); one whose config names an `ans2label` JSON
+(e.g. the official `utils/ans2label.json` for VQA), or whose folder holds
+`ans2label.json`, gets its `label2ans` and `num_answers`, and every target
+label must be below `num_answers`. These go into the text metadata.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ import msgpack_numpy
 import numpy as np
 import tensorflow_datasets as tfds
 
+from data_prep import annotations
 from data_prep import common
 from data_prep import tokenizer
 from uniter_jax.data import schema
@@ -315,6 +322,8 @@ class TxtDbConfig(tfds.core.BuilderConfig):
     task: free label stored in the metadata ("itm", "vqa", "nlvr2", ...).
     max_txt_len: longer texts are dropped and counted (-1 keeps all).
     vocab: optional path to a `vocab.txt` that must match meta.json.
+    ans2label: optional `{answer: label}` JSON (absolute, or relative to
+      manual_dir); "" reads the txt_db folder's `ans2label.json` if any.
   """
   txt_db: str = ""
   img_store: str = ""
@@ -322,6 +331,7 @@ class TxtDbConfig(tfds.core.BuilderConfig):
   task: str = "pretrain"
   max_txt_len: int = 60
   vocab: str = ""
+  ans2label: str = ""
 
 
 class UniterTxtDb(common.TextBuilder):
@@ -357,9 +367,50 @@ class UniterTxtDb(common.TextBuilder):
     out.update({"task": cfg.task, "img_store": cfg.img_store,
                 "max_txt_len": cfg.max_txt_len,
                 "tokenizer": meta.get("toker", meta.get("tokenizer"))})
+    label2ans = self._label2ans(dl_manager)
+    if label2ans is not None:
+      out.update(label2ans=label2ans, num_answers=len(label2ans))
     return out
+
+  def _label2ans(self, dl_manager) -> list[str] | None:
+    """The answer list of the db, or None (see the module docstring)."""
+    cfg = self.builder_config
+    if cfg.task == "ve":
+      return list(annotations.VE_LABEL2ANS)
+    if cfg.ans2label:
+      path = os.path.join(os.fspath(dl_manager.manual_dir), cfg.ans2label)
+      if not os.path.exists(path):
+        raise FileNotFoundError(f"{common.full_name(self)}: ans2label file "
+                                f"{path} does not exist")
+    else:
+      path = os.path.join(self._db, "ans2label.json")
+      if not os.path.exists(path):
+        return None
+    try:
+      ans2label = _read_json(path)
+    except json.JSONDecodeError as e:
+      raise schema.DataError(f"{common.full_name(self)} from {path}", "*",
+                             f"not JSON ({e})") from e
+    return annotations.label2ans_from_ans2label(
+        ans2label, f"{common.full_name(self)} from {path}")
 
   def _split_iters(self, dl_manager):
     cfg = self.builder_config
-    return {cfg.split: iter_txt_db(self._db, common.full_name(self),
-                                   cfg.max_txt_len, self.drop)}
+    records = iter_txt_db(self._db, common.full_name(self), cfg.max_txt_len,
+                          self.drop)
+    n = self.info.metadata.get("num_answers")
+    if n is not None:
+      records = _check_labels(records, int(n),
+                              f"{common.full_name(self)} from {self._db}")
+    return {cfg.split: records}
+
+
+def _check_labels(records, num_answers: int, dataset: str):
+  """Passes records on, refusing a soft-target label >= `num_answers`."""
+  for rec in records:
+    labels = rec.get("target_labels") or []
+    bad = [int(x) for x in labels if not 0 <= int(x) < num_answers]
+    if bad:
+      raise schema.DataError(dataset, rec["id"], f"target labels {bad} "
+                             f"outside the {num_answers} answers")
+    yield rec
