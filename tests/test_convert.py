@@ -264,3 +264,211 @@ def test_official_json_config_is_read(tmp_path):
   path.write_text(json.dumps({"hidden_size": 768}))
   with pytest.raises(ValueError, match="missing fields"):
     config.from_official_json(path)
+
+
+# ---------------------------------------------------------------------------
+# Self-describing exports, the model size and the task from shapes.
+# ---------------------------------------------------------------------------
+def _official_shapes(hidden, layers, inter, vocab=28996, types=2, pos=512):
+  """The official UniterForPretraining state_dict shapes, written out from
+  the module definitions (not from this project's model)."""
+  h = hidden
+  sd = {"uniter.embeddings.word_embeddings.weight": (vocab, h),
+        "uniter.embeddings.position_embeddings.weight": (pos, h),
+        "uniter.embeddings.token_type_embeddings.weight": (types, h),
+        "uniter.embeddings.LayerNorm.weight": (h,),
+        "uniter.embeddings.LayerNorm.bias": (h,),
+        "uniter.img_embeddings.img_linear.weight": (h, 2048),
+        "uniter.img_embeddings.img_linear.bias": (h,),
+        "uniter.img_embeddings.pos_linear.weight": (h, 7),
+        "uniter.img_embeddings.pos_linear.bias": (h,),
+        "uniter.img_embeddings.mask_embedding.weight": (2, 2048),
+        "uniter.pooler.dense.weight": (h, h), "uniter.pooler.dense.bias": (h,)}
+  for ln in ("img_layer_norm", "pos_layer_norm", "LayerNorm"):
+    sd[f"uniter.img_embeddings.{ln}.weight"] = (h,)
+    sd[f"uniter.img_embeddings.{ln}.bias"] = (h,)
+  for i in range(layers):
+    p = f"uniter.encoder.layer.{i}."
+    for m in ("attention.self.query", "attention.self.key",
+              "attention.self.value", "attention.output.dense"):
+      sd[p + m + ".weight"], sd[p + m + ".bias"] = (h, h), (h,)
+    sd[p + "intermediate.dense.weight"] = (inter, h)
+    sd[p + "intermediate.dense.bias"] = (inter,)
+    sd[p + "output.dense.weight"] = (h, inter)
+    sd[p + "output.dense.bias"] = (h,)
+    for ln in ("attention.output.LayerNorm", "output.LayerNorm"):
+      sd[p + ln + ".weight"], sd[p + ln + ".bias"] = (h,), (h,)
+  sd.update({"cls.predictions.bias": (vocab,),
+             "cls.predictions.transform.dense.weight": (h, h),
+             "cls.predictions.transform.dense.bias": (h,),
+             "cls.predictions.transform.LayerNorm.weight": (h,),
+             "cls.predictions.transform.LayerNorm.bias": (h,),
+             "cls.predictions.decoder.weight": (vocab, h),
+             "feat_regress.weight": (h, 2048), "feat_regress.bias": (2048,),
+             "feat_regress.net.0.weight": (h, h),
+             "feat_regress.net.0.bias": (h,),
+             "feat_regress.net.2.weight": (h,), "feat_regress.net.2.bias": (h,),
+             "region_classifier.net.0.weight": (h, h),
+             "region_classifier.net.0.bias": (h,),
+             "region_classifier.net.2.weight": (h,),
+             "region_classifier.net.2.bias": (h,),
+             "region_classifier.net.3.weight": (1601, h),
+             "region_classifier.net.3.bias": (1601,),
+             "itm_output.weight": (2, h), "itm_output.bias": (2,)})
+  return sd
+
+
+@pytest.mark.parametrize("size", ["base", "large"])
+def test_model_config_inferred_from_shapes_is_the_official_one(size):
+  from uniter_jax.model import config  # pylint: disable=g-import-not-at-top
+  official = {"base": config.base, "large": config.large}[size]()
+  arch = {"base": (768, 12, 3072), "large": (1024, 24, 4096)}[size]
+  shapes = _official_shapes(*arch)
+  assert len([k for k in shapes if k.startswith("uniter.")]) == (
+      210 if size == "base" else 402)
+  for task, sd in [("pretrain", shapes), (None, shapes),
+                   # Heads that grow the tables: VCR (+81 words, 4 types),
+                   # NLVR2 (3 types); the official config stays 28996 / 2.
+                   ("vcr", convert.expected_torch_shapes("vcr", official)),
+                   ("nlvr2-attn",
+                    convert.expected_torch_shapes("nlvr2-attn", official))]:
+    cfg, summary = convert.core.infer_model_config(sd, task)
+    assert config.to_official_dict(cfg) == config.to_official_dict(official)
+    heads = official.num_attention_heads
+    assert f"{heads} attention heads (hidden / 64" in summary
+  assert convert.core.infer_task(shapes) == "pretrain"
+
+
+def test_unrecognisable_checkpoint_lists_the_shapes_it_saw(tmp_path, capsys):
+  shapes = _official_shapes(96, 2, 128)     # 96 is no multiple of 64
+  with pytest.raises(convert.ConversionError) as e:
+    convert.core.infer_model_config(shapes, "pretrain", source="odd.pt")
+  msg = str(e.value)
+  assert msg.startswith("odd.pt: cannot infer the model size")
+  assert "hidden size 96 is not a multiple of 64" in msg
+  assert "--model-config" in msg
+  assert "uniter.embeddings.word_embeddings.weight: [28996, 96]" in msg
+  assert "uniter.encoder.layer.0.intermediate.dense.weight: [128, 96]" in msg
+  assert "encoder layers found: 2" in msg
+  with pytest.raises(convert.ConversionError) as e:
+    convert.core.infer_model_config({"foo.weight": (3, 4)}, "pretrain",
+                                    source="x.pt")
+  assert "no 'uniter.embeddings.word_embeddings.weight'" in str(e.value)
+  assert "foo.weight: [3, 4]" in str(e.value)
+  # The CLI: one error, non-zero exit, nothing written.
+  small = R.tiny_config(hidden_size=32, num_attention_heads=4,
+                        intermediate_size=64)
+  src = _save_pt(P.make_reference("itm", small), tmp_path / "s.pt")
+  assert cli.main(["to-flax", "--task", "itm", src,
+                   str(tmp_path / "d")]) == 1
+  err = capsys.readouterr().err
+  assert "cannot infer the model size" in err and "[100, 32]" in err
+  assert not (tmp_path / "d").exists()
+
+
+def test_infer_task_from_keys_and_shapes():
+  cfg = P.flax_config(R.tiny_config())
+  for task in um_heads():
+    for kw in ([{"mlp": 1}, {"mlp": 2}] if task == "re" else [{}]):
+      shapes = convert.expected_torch_shapes(task, cfg, **kw)
+      assert convert.core.infer_task(shapes) == task, (task, kw)
+  with pytest.raises(convert.ConversionError, match="pass the task"):
+    convert.core.infer_task({"uniter.pooler.dense.weight": (4, 4),
+                             "foo.weight": (2, 4)})
+
+
+def um_heads():
+  from uniter_jax import model as um  # pylint: disable=g-import-not-at-top
+  return sorted(um.HEADS)
+
+
+def test_to_flax_without_model_config_infers_it(tmp_path, capsys):
+  cfg = R.tiny_config(num_attention_heads=1)      # 64 / 64: one head
+  ref = P.make_reference("vqa", cfg)
+  src = _save_pt(ref, tmp_path / "v.pt")
+  assert cli.main(["to-flax", "--task", "vqa", src,
+                   str(tmp_path / "v")]) == 0
+  out = capsys.readouterr().out
+  assert ("hidden 64, 2 layers, intermediate 128, vocab 100, type vocab 2, "
+          "1 attention heads") in out
+  meta = json.loads((tmp_path / "v" / "uniter_config.json").read_text())
+  assert {k: meta["model_config"][k] for k in cfg.to_dict()} == cfg.to_dict()
+  # load_checkpoint on the .pt needs neither the task nor the config.
+  m, p = uniter_jax.load_checkpoint(src)
+  m2, p2 = uniter_jax.load_checkpoint(str(tmp_path / "v"))
+  assert m == m2 and m.cfg.num_attention_heads == 1
+  for a, b in zip(jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(p2)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_export_carries_vocab_and_text_config(tmp_path):
+  from uniter_jax import processor as processor_lib  # pylint: disable=g-import-not-at-top
+  fcfg = P.flax_config(R.tiny_config())
+  sd = P.state_dict_numpy(P.make_reference("itm", R.tiny_config()))
+  params = convert.torch_to_flax(sd, "itm", fcfg)
+  vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [
+      f"w{i}" for i in range(20)]
+  tc = processor_lib.make_text_config(
+      max_txt_len=40, region_rule={"conf_th": 0.3, "min_bb": 2,
+                                   "max_bb": 50})
+  d = tmp_path / "exp"
+  convert.save_flax(d, params, "itm", fcfg, vocab=vocab, text_config=tc)
+  assert (d / "vocab.txt").read_text().split("\n")[:3] == vocab[:3]
+  meta = json.loads((d / "uniter_config.json").read_text())
+  assert meta["text_config"]["special_ids"] == {
+      "PAD": 0, "UNK": 1, "CLS": 2, "SEP": 3, "MASK": 4}
+  assert meta["text_config"]["region_rule"] == {
+      "conf_th": 0.3, "min_bb": 2, "max_bb": 50, "num_bb": None}
+  model, _ = uniter_jax.load_checkpoint(str(d))           # no task
+  assert type(model).__name__ == "UniterForImageTextRetrieval"
+  uniter_jax.load_checkpoint(str(d), "itm")                # positional
+  uniter_jax.load_checkpoint(str(d), task="itm")
+  with pytest.raises(convert.ConversionError, match="converted for task"):
+    uniter_jax.load_checkpoint(str(d), task="vqa")
+  proc = uniter_jax.Processor.from_pretrained(str(d))
+  assert proc.vocab == vocab and proc.max_txt_len == 40
+  assert proc.region_rule == meta["text_config"]["region_rule"]
+  assert proc.text_config == meta["text_config"]
+  # A training workdir names its export_flax/.
+  wd = tmp_path / "workdir"
+  wd.mkdir()
+  os.rename(d, wd / "export_flax")
+  assert uniter_jax.Processor.from_pretrained(str(wd)).vocab == vocab
+  uniter_jax.load_checkpoint(str(wd))
+  # Refused before anything is written: special ids that disagree with the
+  # vocabulary, a vocabulary larger than the model's word table.
+  bad = dict(tc, special_ids={"PAD": 0, "UNK": 1, "CLS": 3, "SEP": 2,
+                              "MASK": 4})
+  with pytest.raises(convert.ConversionError, match="disagree"):
+    convert.save_flax(tmp_path / "bad", params, "itm", fcfg, vocab=vocab,
+                      text_config=bad)
+  with pytest.raises(convert.ConversionError, match="200 tokens"):
+    convert.save_flax(tmp_path / "bad", params, "itm", fcfg,
+                      vocab=vocab + [f"x{i}" for i in range(175)])
+  assert not (tmp_path / "bad").exists()
+  # Without a vocabulary the processor says how to give one.
+  convert.save_flax(tmp_path / "novocab", params, "itm", fcfg)
+  with pytest.raises(FileNotFoundError, match="vocab="):
+    uniter_jax.Processor.from_pretrained(str(tmp_path / "novocab"))
+  assert uniter_jax.Processor.from_pretrained(
+      str(tmp_path / "novocab"), vocab=vocab).max_txt_len == 60
+
+
+def test_to_torch_reads_the_task_from_the_directory(tmp_path):
+  cfg_json = _tiny_json(tmp_path)
+  src = _save_pt(P.make_reference("ve", R.tiny_config()), tmp_path / "ve.pt")
+  vocab = tmp_path / "vocab.txt"
+  vocab.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\ndog\n")
+  assert cli.main(["to-flax", "--task", "ve", "--model-config", cfg_json,
+                   "--vocab", str(vocab), src, str(tmp_path / "d")]) == 0
+  assert (tmp_path / "d" / "vocab.txt").read_text() == vocab.read_text()
+  meta = json.loads((tmp_path / "d" / "uniter_config.json").read_text())
+  assert meta["text_config"]["max_txt_len"] == 60
+  assert cli.main(["to-torch", str(tmp_path / "d"),
+                   str(tmp_path / "back.pt")]) == 0
+  a = torch.load(src, weights_only=True)
+  b = torch.load(tmp_path / "back.pt", weights_only=True)
+  assert all(torch.equal(a[k], b[k]) for k in a)
+  assert cli.main(["to-torch", "--task", "vqa", str(tmp_path / "d"),
+                   str(tmp_path / "x.pt")]) == 1
+  assert not (tmp_path / "x.pt").exists()

@@ -2,8 +2,11 @@
 
 The PyTorch side is a plain state_dict with the official key names (it loads
 with `strict=True` into the official model class of the task). The Flax side
-is a directory holding an orbax checkpoint of the params (`params/`) and
-`uniter_config.json` (task, official model config, head options).
+is a directory holding an orbax checkpoint of the params (`params/`),
+`uniter_config.json` (task, official model config, head options and, when
+known, the text settings `text_config`) and, when given, the tokenizer
+vocabulary `vocab.txt`: a self-describing export that `load_checkpoint(dir)`
+and `Processor.from_pretrained(dir)` read with no other argument.
 
 Conversion is strict: every missing, unexpected or mis-shaped tensor is
 reported, all at once, with expected and found shapes. Outputs are written to
@@ -13,10 +16,12 @@ a temporary path and renamed into place only when complete.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -28,7 +33,11 @@ from uniter_jax.model import config as config_lib
 
 FLAX_META = "uniter_config.json"
 FLAX_PARAMS = "params"
+FLAX_VOCAB = "vocab.txt"
 FORMAT_VERSION = 1
+# Head size of both official models (768 / 12 and 1024 / 16): what the
+# number of attention heads is taken to be when only shapes are known.
+HEAD_DIM = 64
 
 StateDict = dict[str, np.ndarray]
 
@@ -110,6 +119,181 @@ def _guess_task(keys) -> str | None:
     if key in keys:
       return task
   return None
+
+
+def _shape(v) -> tuple:
+  return tuple(v) if isinstance(v, (tuple, list)) else tuple(np.shape(v))
+
+
+def _shapes_of(sd: Mapping[str, Any]) -> dict[str, tuple]:
+  """key -> shape of a state_dict (arrays or shape tuples), LayerNorm
+  `gamma`/`beta` renamed as the official `from_pretrained` does."""
+  out = {k: _shape(v) for k, v in sd.items()}
+  for old, new in names.rename_legacy(out).items():
+    out[new] = out.pop(old)
+  return out
+
+
+def infer_task(sd: Mapping[str, Any], *, source: str = "state_dict") -> str:
+  """The head an official state_dict is for, from its keys and shapes.
+
+  Head keys decide (`cls.predictions` pretraining, `vqa_output` VQA/VE,
+  `rank_output` retrieval, `nlvr2_output` / `attn1` NLVR2, `re_output`,
+  `vcr_output`); where two heads share keys, shapes decide: 3 answers is VE
+  (VQA has 3129), a 4-row type table is the VCR pretraining model, an
+  NLVR2 classifier over 2H inputs is the paired head (triplet: H).
+  """
+  shapes = _shapes_of(sd)
+  types = shapes.get("uniter.embeddings.token_type_embeddings.weight")
+  word = shapes.get("uniter.embeddings.word_embeddings.weight")
+  if "cls.predictions.bias" in shapes:
+    return "pretrain-vcr" if types and types[0] == 4 else "pretrain"
+  if "vqa_output.3.weight" in shapes:
+    return "ve" if shapes["vqa_output.3.weight"][0] == 3 else "vqa"
+  if "rank_output.weight" in shapes:
+    return "itm"
+  if "attn1.in_proj_weight" in shapes:
+    return "nlvr2-attn"
+  if "nlvr2_output.weight" in shapes:
+    in_dim = shapes["nlvr2_output.weight"][-1]
+    if word and in_dim == 2 * word[-1]:
+      return "nlvr2-paired"
+    return "nlvr2-triplet"
+  if "vcr_output.3.weight" in shapes:
+    return "vcr"
+  if "re_output.weight" in shapes or "re_output.0.weight" in shapes:
+    return "re"
+  heads = sorted({k.split(".")[0] for k in shapes
+                  if not k.startswith("uniter.")})
+  raise ConversionError(
+      f"{source}: cannot tell which head this checkpoint is for (its "
+      f"non-encoder keys start with {heads or 'nothing'}); pass the task "
+      f"(one of {sorted(um.HEADS)})")
+
+
+def _layer_indices(shapes: Mapping[str, tuple]) -> list[int]:
+  pat = re.compile(r"^uniter\.encoder\.layer\.(\d+)\.")
+  return sorted({int(m.group(1)) for k in shapes
+                 if (m := pat.match(k))})
+
+
+def _shape_listing(shapes: Mapping[str, tuple], limit: int = 24) -> str:
+  """The shapes that decide the model size (or, when none is there, the
+  first keys), one per line."""
+  keys = [k for k in shapes if k.startswith((
+      "uniter.embeddings.", "uniter.encoder.layer.0.",
+      "uniter.img_embeddings.img_linear."))]
+  layers = _layer_indices(shapes)
+  lines = [f"  {k}: {list(shapes[k])}" for k in sorted(keys)[:limit]]
+  if not keys:
+    first = sorted(shapes)[:limit]
+    lines = [f"  {k}: {list(shapes[k])}" for k in first]
+    if len(shapes) > len(first):
+      lines.append(f"  ... and {len(shapes) - len(first)} more keys")
+  else:
+    lines.append(f"  encoder layers found: {len(layers)}"
+                 + (f" (indices {layers[0]}..{layers[-1]})" if layers else ""))
+  return "\n".join(lines) if lines else "  (no tensors)"
+
+
+def infer_model_config(sd: Mapping[str, Any], task: str | None = None, *,
+                       source: str = "state_dict"):
+  """The official model config of a state_dict, read from its shapes.
+
+  hidden size, layers, intermediate size, vocabulary, type vocabulary,
+  position table and feature size come from the tensors; the number of
+  attention heads cannot (any divisor of the hidden size fits the same
+  shapes) and is taken as hidden / 64, as in both official sizes (base
+  768 / 12, large 1024 / 16); dropouts, activation and init range are the
+  official values. The head's own changes are undone (the VCR heads' 81
+  extra words, the NLVR2 / VCR type tables of 3 / 4 rows), so the result is
+  the base config the converter records. Raises ConversionError listing the
+  shapes it saw when it cannot.
+
+  Returns:
+    (the config, a one-line summary naming the inferred sizes).
+  """
+  shapes = _shapes_of(sd)
+  problems = []
+
+  def get(key):
+    if key not in shapes:
+      problems.append(f"no '{key}'")
+      return None
+    return shapes[key]
+
+  word = get("uniter.embeddings.word_embeddings.weight")
+  pos = get("uniter.embeddings.position_embeddings.weight")
+  types = get("uniter.embeddings.token_type_embeddings.weight")
+  inter = get("uniter.encoder.layer.0.intermediate.dense.weight")
+  img = get("uniter.img_embeddings.img_linear.weight")
+  layers = _layer_indices(shapes)
+  if not layers:
+    problems.append("no 'uniter.encoder.layer.<i>.*' tensors")
+  elif layers != list(range(len(layers))):
+    problems.append(f"encoder layer indices {layers} are not "
+                    f"0..{len(layers) - 1}")
+  hidden = None
+  if word is not None:
+    if len(word) != 2:
+      problems.append(f"word embeddings of rank {len(word)}")
+    else:
+      hidden = int(word[1])
+  if hidden is not None and hidden % HEAD_DIM:
+    problems.append(f"hidden size {hidden} is not a multiple of {HEAD_DIM}, "
+                    "so the number of attention heads cannot be inferred")
+  for name, s in (("position", pos), ("token type", types)):
+    if s is not None and hidden is not None and (len(s) != 2 or
+                                                 s[1] != hidden):
+      problems.append(f"{name} embeddings {list(s)} do not match hidden "
+                      f"size {hidden}")
+  if inter is not None and hidden is not None and (len(inter) != 2 or
+                                                   inter[1] != hidden):
+    problems.append(f"intermediate weight {list(inter)} does not match "
+                    f"hidden size {hidden}")
+  spec = None
+  if task is not None:
+    try:
+      spec = um.head_spec(task)
+    except ValueError as e:
+      problems.append(str(e))
+  if problems:
+    raise ConversionError(
+        f"{source}: cannot infer the model size from the checkpoint's "
+        f"shapes ({'; '.join(problems)}); pass the official model config "
+        "(--model-config uniter-base.json / uniter-large.json, or "
+        "model_config=). Shapes seen:\n" + _shape_listing(shapes))
+  extra_vocab = spec.extra_vocab if spec else 0
+  type_vocab = int(types[0])
+  if spec and spec.type_vocab_size > 2 and type_vocab == spec.type_vocab_size:
+    type_vocab = 2     # the head grew the official 2-row table
+  d = {
+      "vocab_size": int(word[0]) - extra_vocab,
+      "hidden_size": hidden,
+      "num_hidden_layers": len(layers),
+      "num_attention_heads": hidden // HEAD_DIM,
+      "intermediate_size": int(inter[0]),
+      "hidden_act": "gelu",
+      "hidden_dropout_prob": 0.1,
+      "attention_probs_dropout_prob": 0.1,
+      "max_position_embeddings": int(pos[0]),
+      "type_vocab_size": type_vocab,
+      "initializer_range": 0.02,
+  }
+  if img is not None and len(img) == 2:
+    d["img_dim"] = int(img[1])
+  rc = shapes.get("region_classifier.net.3.weight")
+  if rc is not None:
+    d["img_label_dim"] = int(rc[0])
+  cfg = config_lib.from_official_dict(d, source=source)
+  summary = (f"model config inferred from the checkpoint's shapes: hidden "
+             f"{hidden}, {len(layers)} layers, intermediate "
+             f"{d['intermediate_size']}"
+             f", vocab {d['vocab_size']}, type vocab {type_vocab}, "
+             f"{d['num_attention_heads']} attention heads (hidden / "
+             f"{HEAD_DIM}, as both official sizes; pass the model config if "
+             "yours differs)")
+  return cfg, summary
 
 
 def check_state_dict(sd_shapes: Mapping[str, tuple], expected: Mapping[str,
@@ -357,15 +541,75 @@ def write_state_dict(sd: Mapping[str, np.ndarray],
     raise
 
 
+def _check_export_text(task: str, cfg, vocab, text_config,
+                       source: str) -> tuple[list[str] | None, dict | None]:
+  """Validates what `save_flax` stores besides the params."""
+  from uniter_jax import processor as processor_lib  # pylint: disable=g-import-not-at-top
+  if vocab is not None:
+    if isinstance(vocab, (str, bytes)) or not all(
+        isinstance(t, str) for t in vocab):
+      raise ConversionError(f"{source}: vocab must be a list of token "
+                            "strings (line number = id)")
+    vocab = list(vocab)
+    words = int(cfg["vocab_size"]) + um.head_spec(task).extra_vocab
+    if not 0 < len(vocab) <= words:
+      raise ConversionError(
+          f"{source}: a vocabulary of {len(vocab)} tokens for a model of "
+          f"{words} word embeddings")
+    bad = [t for t in vocab if "\n" in t]
+    if bad:
+      raise ConversionError(f"{source}: vocabulary tokens hold newlines: "
+                            f"{bad[:3]!r}")
+  if text_config is not None:
+    try:
+      text_config = processor_lib.check_text_config(
+          text_config, vocab, f"{source}: text_config")
+    except ValueError as e:
+      raise ConversionError(str(e)) from e
+    sp = text_config.get("special_ids", {})
+    words = int(cfg["vocab_size"]) + um.head_spec(task).extra_vocab
+    out = {k: v for k, v in sp.items() if not 0 <= v < words}
+    if out:
+      raise ConversionError(f"{source}: text_config special_ids {out} are "
+                            f"outside the model's {words} words")
+  return vocab, text_config
+
+
 def save_flax(dst_dir: str | os.PathLike[str], params: Mapping, task: str,
               model_config=None, *, head_kwargs: Mapping | None = None,
-              source_dtype: str = "float32", overwrite: bool = False) -> None:
-  """Writes params (orbax) and `uniter_config.json` to `dst_dir` atomically."""
+              source_dtype: str = "float32", overwrite: bool = False,
+              vocab: Sequence[str] | None = None,
+              text_config: Mapping[str, Any] | None = None) -> None:
+  """Writes a self-describing export to `dst_dir` atomically.
+
+  The directory holds the params (orbax, `params/`), `uniter_config.json`
+  (task, official model config, head options, params layout, source dtype
+  and `text_config`) and `vocab.txt`, so that `load_checkpoint(dst_dir)` and
+  `Processor.from_pretrained(dst_dir)` need no other argument.
+
+  Args:
+    dst_dir: the directory to write (replaced only with `overwrite`).
+    params: Flax params of the head `task`.
+    task: the head (a key of `uniter_jax.model.HEADS`).
+    model_config: the official (base) model config; UNITER-base when None.
+    head_kwargs: head options (num_answer, mlp).
+    source_dtype: dtype of the checkpoint converted from (`to-torch`
+      writes it back in it).
+    overwrite: replace an existing `dst_dir`.
+    vocab: the tokenizer vocabulary (tokens, line number = id), written as
+      `vocab.txt`; None: no vocabulary is stored.
+    text_config: the text / region settings (`uniter_jax.processor.
+      make_text_config`: max_txt_len, region rule, special ids,
+      lower-casing); checked against `vocab`; special ids are filled in
+      from `vocab` when missing. None: nothing is stored (a processor then
+      uses the official settings).
+  """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   cfg = _model_cfg(model_config)
   dst = os.path.abspath(os.fspath(dst_dir))
   if os.path.exists(dst) and not overwrite:
     raise ConversionError(f"{dst}: already exists (use --force to replace)")
+  vocab, text_config = _check_export_text(task, cfg, vocab, text_config, dst)
   parent = os.path.dirname(dst)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
@@ -380,6 +624,12 @@ def save_flax(dst_dir: str | os.PathLike[str], params: Mapping, task: str,
         "scan_layers": _is_scanned(flat),
         "source_dtype": source_dtype,
     }
+    if text_config is not None:
+      meta["text_config"] = text_config
+    if vocab is not None:
+      from uniter_jax import processor as processor_lib  # pylint: disable=g-import-not-at-top
+      processor_lib.write_vocab(vocab, os.path.join(tmp, FLAX_VOCAB))
+      meta["vocab_file"] = FLAX_VOCAB
     ocp.PyTreeCheckpointer().save(
         os.path.join(tmp, FLAX_PARAMS),
         jax.tree_util.tree_map(np.asarray, dict(params)))
@@ -422,18 +672,43 @@ def load_flax(src_dir: str | os.PathLike[str]) -> tuple[dict, dict]:
   return params, meta
 
 
-def load_checkpoint(path: str | os.PathLike[str], task: str, *,
-                    model_config=None, scan_layers: bool | None = None,
+def export_dir(path: str | os.PathLike[str]) -> str:
+  """The export directory `path` names: itself, or a training workdir's
+  `export_flax/`."""
+  path = os.fspath(path)
+  if (not os.path.isfile(os.path.join(path, FLAX_META))
+      and os.path.isfile(os.path.join(path, "export_flax", FLAX_META))):
+    return os.path.join(path, "export_flax")
+  return path
+
+
+def read_export_vocab(src_dir: str | os.PathLike[str]) -> list[str] | None:
+  """The tokenizer vocabulary stored in an export (None when it has none)."""
+  path = os.path.join(export_dir(src_dir), FLAX_VOCAB)
+  if not os.path.isfile(path):
+    return None
+  from uniter_jax import processor as processor_lib  # pylint: disable=g-import-not-at-top
+  return processor_lib.read_vocab(path)
+
+
+def load_checkpoint(path: str | os.PathLike[str], task: str | None = None,
+                    *, model_config=None, scan_layers: bool | None = None,
                     shardings=None, **model_overrides):
   """`(model, params)` from an official state_dict file or a converted dir.
 
   Args:
     path: `.pt`/`.bin`/`.safetensors` file, or a directory written by
-      `save_flax` / `python -m uniter_jax.convert to-flax`.
-    task: the task the checkpoint is for (a key of `uniter_jax.model.HEADS`); a converted dir
-      must have been converted for this task.
-    model_config: official JSON model config for a state_dict file (base
-      when None); ignored for a converted dir, which records its own.
+      `save_flax` / `python -m uniter_jax.convert to-flax` (or a training
+      workdir, whose `export_flax/` is read).
+    task: the head the checkpoint is for (a key of
+      `uniter_jax.model.HEADS`). None: a converted dir's recorded task, or
+      for a state_dict file the head its keys and shapes show
+      (`infer_task`). A converted dir recorded for another task is an
+      error.
+    model_config: official JSON model config (path, dict or ConfigDict) for
+      a state_dict file; None: inferred from its shapes
+      (`infer_model_config`: heads = hidden / 64, as both official sizes).
+      Ignored for a converted dir, which records its own.
     scan_layers: the params layout to return; default: as stored (a
       state_dict gives the per-layer layout).
     shardings: where the params go: a pytree of `jax.sharding.Sharding`
@@ -446,8 +721,11 @@ def load_checkpoint(path: str | os.PathLike[str], task: str, *,
   """
   path = os.fspath(path)
   if os.path.isdir(path):
+    path = export_dir(path)
     params, meta = load_flax(path)
-    if meta["task"] != task:
+    if task is None:
+      task = meta["task"]
+    elif meta["task"] != task:
       raise ConversionError(f"{path}: converted for task '{meta['task']}', "
                             f"not '{task}'")
     cfg = config_lib.from_official_dict(meta["model_config"], source=path)
@@ -460,7 +738,15 @@ def load_checkpoint(path: str | os.PathLike[str], task: str, *,
         task=task, source=path)
   else:
     sd, _ = read_state_dict(path)
-    cfg = _model_cfg(model_config)
+    if task is None:
+      task = infer_task(sd, source=path)
+      logging.info("%s: read as a '%s' checkpoint (from its keys)", path,
+                   task)
+    if model_config is None:
+      cfg, summary = infer_model_config(sd, task, source=path)
+      logging.info("%s: %s", path, summary)
+    else:
+      cfg = _model_cfg(model_config)
     head_kwargs = infer_head_kwargs(task, sd)
     params = torch_to_flax(sd, task, cfg, source=path, **head_kwargs)
   flat = traverse_util.flatten_dict(params)

@@ -29,6 +29,12 @@ Array = jax.Array
 # What `UniterForPretraining(batch, output)` can compute: one head each
 # (MRC and MRC-kl share the region classifier).
 OUTPUTS = ("mlm", "mrfr", "mrc", "mrckl", "itm")
+# `output` when none is given: every head while initialising (so `init`
+# creates all parameters) and for a batch prepared for the masked heads
+# (it holds one of MASKING_FIELDS); else only ITM (an inference batch).
+DEFAULT_OUTPUT = "default"
+DEFAULT_APPLY_OUTPUT = "itm"
+MASKING_FIELDS = ("txt_labels", "img_masks", "mlm_positions", "mrm_positions")
 
 
 class _MLMTransform(nn.Module):
@@ -110,12 +116,17 @@ class UniterForPretraining(nn.Module):
   """UNITER with all pretraining heads.
 
   `__call__(batch, output)` with `output` in `OUTPUTS` computes that head
-  only; None computes every head (what `init` uses, so that all parameters
-  exist). Returns a dict with `sequence_output`, `pooled_output`,
-  `txt_output` [B, Lt, H], `img_output` [B, Li, H] and the head's
-  `mlm_logits` / `mrfr_pred` / `mrc_logits` / `itm_logits`. The model
-  computes no loss: the losses (and the WRA term) belong to the tasks in
-  `uniter_jax.tasks`.
+  only; None computes every head. Without `output` (`model.apply(
+  variables, batch)`, the calling convention of every head) it computes
+  what the batch is prepared for: the ITM head for an inference batch
+  (image-text matching; the encoder outputs), every head for a batch that
+  carries masking (`txt_labels`, `img_masks`, `mlm_positions` or
+  `mrm_positions`: the masked heads predict masked inputs), and every head
+  while initialising, so that `init` creates all parameters. Returns a dict
+  with `sequence_output`, `pooled_output`, `txt_output` [B, Lt, H],
+  `img_output` [B, Li, H] and the head's `mlm_logits` / `mrfr_pred` /
+  `mrc_logits` / `itm_logits`. The model computes no loss: the losses (and
+  the WRA term) belong to the tasks in `uniter_jax.tasks`.
   """
   cfg: Any
 
@@ -127,8 +138,12 @@ class UniterForPretraining(nn.Module):
     self.region_classifier = RegionClassification(cfg)
     self.itm_output = enc.dense(2, cfg, ("embed", None), "itm_output")
 
-  def __call__(self, batch, output: str | None = None, *,
+  def __call__(self, batch, output: str | None = DEFAULT_OUTPUT, *,
                deterministic: bool = True):
+    if output == DEFAULT_OUTPUT:
+      masked = any(batch.get(k) is not None for k in MASKING_FIELDS)
+      output = (None if self.is_initializing() or masked
+                else DEFAULT_APPLY_OUTPUT)
     if output is not None and output not in OUTPUTS:
       raise ValueError(f"unknown pretraining head output {output!r}; "
                        f"expected one of {OUTPUTS}")
