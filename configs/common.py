@@ -151,7 +151,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.data_dir = "~/tensorflow_datasets"
   # Build the synthetic corpus into data_dir when missing (demo only).
   c.data.synthetic = ""        # "" or a synthetic preset: "default", "tiny"
-  c.data.max_txt_len = 60
+  c.data.max_txt_len = 60       # training drops longer texts (official)
+  # Held-out data keep texts up to this many tokens (-1: all), as the
+  # official evaluation reads its dbs without a limit.
+  c.data.eval_max_txt_len = -1
   c.data.conf_th = 0.2
   c.data.min_bb = 10
   c.data.max_bb = 100
@@ -178,6 +181,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.betas = (0.9, 0.98)
   c.train.adam_eps = 1e-6
   c.train.grad_norm = 5.0      # global-norm clipping; <= 0 disables
+  # Learning-rate multiplier on the parameters matching `lr_mul_params`
+  # (globs over '/'-joined Flax paths); the official VQA finetuning trains
+  # its new head `vqa_output` at 10x the base rate.
+  c.train.lr_mul = 1.0
+  c.train.lr_mul_params = ()
   # The official code sums gradients over accumulation steps and over GPUs
   # (each a per-micro-batch mean); True reproduces that scale (it matters
   # for clipping), False uses the mean over the global batch.
@@ -244,6 +252,40 @@ def evaluator(kind: str, every_steps: int | None = None,
                    if every_steps is None else every_steps)
   e.update(options)
   return e
+
+
+def finetune_config(model_task: str, task: str, text: str, *,
+                    val_text: str = "", split: str = "train",
+                    val_split: str = "val",
+                    name: str = "") -> ml_collections.ConfigDict:
+  """The shared fields of a finetuning run (official `train_*.py` values).
+
+  One dataset (`config.datasets.<name>`, default the task's name) trains
+  the head `model_task` with task `task`; `config.evals.val` reports the
+  task's metrics on the whole held-out split. Each `configs/finetune_*.py`
+  then sets its official `train-*.json` values and its evaluator.
+  """
+  c = base_config()
+  c.model_task = model_task
+  c.model.dtype = "bfloat16"
+  c.init_checkpoint = ""       # e.g. uniter-base.pt (official pretrained)
+  c.init_checkpoint_task = "pretrain"
+  c.datasets[name or task] = dataset(text, val_text, tasks=(task,),
+                                     mix_ratio=(1,), split=split,
+                                     val_split=val_split)
+  # Finetuning configs keep the official optimizer but log and evaluate
+  # on their own schedules.
+  c.train.betas = (0.9, 0.98)
+  c.train.grad_norm = 2.0
+  c.train.gradient_accumulation_steps = 1
+  c.train.loss_weights = ml_collections.ConfigDict({task: 1.0})
+  c.log_every_steps = 100
+  c.eval.every_steps = 500
+  c.evals.val = evaluator("task_metrics", max_batches=-1)
+  del c.evals["wra_plan"]      # a pretraining plot
+  c.checkpoint.every_steps = 500
+  c.checkpoint.keep = 2
+  return c
 
 
 def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -22,12 +22,19 @@ from uniter_jax.train import optim
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETUPS = ["pretrain_indomain_base", "pretrain_alldata_base",
-          "pretrain_alldata_large", "pretrain_vcr_base", "demo"]
+          "pretrain_alldata_large", "pretrain_vcr_base", "finetune_vqa",
+          "finetune_ve", "finetune_nlvr2", "finetune_itr", "demo"]
 # What each file accepts after ':' (docs/training.md, "Variants").
 KNOWN_VARIANTS = {"pretrain_indomain_base": "runlocal",
                   "pretrain_alldata_base": "large, runlocal",
                   "pretrain_alldata_large": "runlocal",
                   "pretrain_vcr_base": "large, runlocal",
+                  "finetune_vqa": "large, runlocal, synthetic",
+                  "finetune_ve": "large, runlocal, synthetic",
+                  "finetune_nlvr2": ("attn, large, paired, runlocal, "
+                                     "synthetic, triplet"),
+                  "finetune_itr": ("coco, flickr, large, runlocal, "
+                                   "synthetic, zero_shot"),
                   "demo": "runlocal"}
 
 
@@ -178,6 +185,21 @@ def test_official_values():
   for name in SETUPS[:-1]:   # the official setups weight every task 1.0
     for arg in (None, "large") if name == "pretrain_vcr_base" else (None,):
       assert set(_get(name, arg).train.loss_weights.values()) == {1.0}
+
+
+def test_mix_ratio_by_dataset_size():
+  # VQA's official loader concatenates its three training dbs: -1 draws
+  # each in proportion to its example count.
+  c = _get("finetune_vqa")
+  assert {tuple(d.mix_ratio) for d in c.datasets.values()} == {(-1,)}
+  sizes = {"vqa_vqa_train": 300, "vqa_vqa_trainval": 200, "vqa_vqa_vg": 500}
+  pool = input_lib.task_pool(c, sizes)
+  assert len(pool) == 10 and pool.count("vqa_vqa_vg") == 5
+  with pytest.raises(ValueError, match="sizes"):
+    input_lib.task_pool(c)
+  c.datasets.vqa_vg.mix_ratio = (2,)
+  with pytest.raises(ValueError, match="all or none"):
+    input_lib.task_pool(c, sizes)
 
 
 def test_task_draws_follow_the_mix_and_are_reproducible():

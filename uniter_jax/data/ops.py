@@ -13,8 +13,9 @@ An op is `op(example, rng, ctx) -> example`:
 * `rng` is a `np.random.Generator` derived from `(seed, epoch, example index)`
   only, so the result does not depend on worker count, host count or order.
   All ops of one example share it, in the order they are listed.
-* `ctx` is an `OpContext`: special ids, `v_range`, and `sample_image` for
-  ITM negatives.
+* `ctx` is an `OpContext`: special ids, `v_range`, `sample_image` for
+  ITM negatives, and `sample_images` / `sample_texts` (several distinct
+  negatives at once, for retrieval).
 
 Ops are not registered by name: a task declares its ops
 (`uniter_jax.tasks.Task.data_ops`), and a pipeline takes them as a mapping of
@@ -72,6 +73,10 @@ class OpContext:
   max_img: int
   _sample_image: Callable[[np.random.Generator, str | None, int], Example]
   params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  # (rng, n, exclude_key, max_img) -> n distinct image parts; and
+  # (rng, n, exclude_img_key, max_txt) -> n distinct text parts.
+  _sample_images: Callable[..., list[Example]] | None = None
+  _sample_texts: Callable[..., list[Example]] | None = None
 
   def __getattr__(self, name: str) -> Any:
     # Op hyper-parameters (e.g. mlm_prob, mrm_prob, itm_neg_prob) read as
@@ -90,6 +95,26 @@ class OpContext:
     fits its batch's static shape (the batch's positives obey the same bound).
     """
     return self._sample_image(rng, exclude_key, self.max_img)
+
+  def sample_images(self, rng: np.random.Generator, n: int,
+                    exclude_key: str | None = None) -> list[Example]:
+    """Image parts (as `sample_image`) of `n` DISTINCT random images of the
+    same text split, none of them `exclude_key`, each with at most
+    `max_img` regions (drawn without replacement, as the official
+    retrieval `sample_negative` does)."""
+    if self._sample_images is None:
+      raise ValueError("this OpContext cannot sample several images")
+    return self._sample_images(rng, int(n), exclude_key, self.max_img)
+
+  def sample_texts(self, rng: np.random.Generator, n: int,
+                   exclude_img_key: str | None = None) -> list[Example]:
+    """`n` DISTINCT random texts of the same split, none of them a text of
+    the image `exclude_img_key` (the official retrieval excludes every
+    caption of the true image), each with at most `max_txt` tokens with
+    [CLS] and [SEP]. Each is `{"input_ids", "_id", "_index"}` (no image)."""
+    if self._sample_texts is None:
+      raise ValueError("this OpContext cannot sample texts")
+    return self._sample_texts(rng, int(n), exclude_img_key, self.max_txt)
 
 
 def example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:

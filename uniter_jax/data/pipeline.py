@@ -220,6 +220,11 @@ class UniterData:
     self._neg_images, self._neg_nbb = imgs[order], nbb[order]
     self._neg_pos = np.full(len(self.store), len(imgs), np.int64)
     self._neg_pos[self._neg_images] = np.arange(len(imgs))
+    # Retrieval negatives (`sample_texts`): texts sorted by length; the
+    # texts of each image are grouped on first use.
+    self._neg_texts = np.argsort(self.txt_lens, kind="stable")
+    self._neg_tlen = self.txt_lens[self._neg_texts]
+    self._texts_by_image: tuple[np.ndarray, np.ndarray] | None = None
 
     # Memory of the large batch arrays, reused once a batch is dropped.
     self._pool = collate_lib.BufferPool()
@@ -296,13 +301,57 @@ class UniterData:
       if img != exclude:
         return self.store.load(img)
 
+  def _sample_images(self, rng: np.random.Generator, n: int,
+                     exclude_key: str | None, max_img: int
+                     ) -> list[dict[str, Any]]:
+    hi = int(np.searchsorted(self._neg_nbb, max_img, side="right"))
+    exclude = (self.store.key_to_index.get(exclude_key, -1)
+               if exclude_key is not None else -1)
+    excluded = int(exclude >= 0 and self._neg_pos[exclude] < hi)
+    if hi - excluded < n:
+      raise ValueError(f"{self.name}: {n} distinct negative images other "
+                       f"than {exclude_key!r} with <= {max_img} regions "
+                       f"requested; the split has {hi - excluded}")
+    # Distinct draws; the excluded image (if drawn) is dropped, so one
+    # extra draw always leaves n.
+    pos = rng.choice(hi, size=min(hi, n + excluded), replace=False)
+    imgs = self._neg_images[pos]
+    imgs = imgs[imgs != exclude][:n]
+    return [self.store.load(int(i)) for i in imgs]
+
+  def _sample_texts(self, rng: np.random.Generator, n: int,
+                    exclude_img_key: str | None, max_txt: int
+                    ) -> list[dict[str, Any]]:
+    hi = int(np.searchsorted(self._neg_tlen, max_txt, side="right"))
+    img = (self.store.key_to_index.get(exclude_img_key, -1)
+           if exclude_img_key is not None else -1)
+    if self._texts_by_image is None:
+      order = np.argsort(self.text.img_index, kind="stable")
+      rank = np.empty(len(order), np.int64)
+      rank[self._neg_texts] = np.arange(len(order))
+      self._texts_by_image = (self.text.img_index[order], rank[order])
+    img_sorted, rank_sorted = self._texts_by_image
+    a, b = np.searchsorted(img_sorted, [img, img + 1]) if img >= 0 else (0, 0)
+    excluded = int(np.sum(rank_sorted[a:b] < hi))
+    if hi - excluded < n:
+      raise ValueError(f"{self.name}: {n} distinct negative texts of images "
+                       f"other than {exclude_img_key!r} with <= {max_txt} "
+                       f"tokens requested; the split has {hi - excluded}")
+    pos = rng.choice(hi, size=min(hi, n + excluded), replace=False)
+    texts = self._neg_texts[pos]
+    texts = texts[self.text.img_index[texts] != img][:n]
+    return [{"input_ids": self.text.input_ids(int(t)),
+             "_id": self.text.record_id(int(t)), "_index": int(t)}
+            for t in texts]
+
   def context(self, bucket: bk.Bucket) -> ops_lib.OpContext:
     sp = self.text.special
     return ops_lib.OpContext(
         cls_id=sp["CLS"], sep_id=sp["SEP"], mask_id=sp["MASK"],
         pad_id=sp["PAD"], v_range=self.text.v_range, meta=self.text.meta,
         max_txt=bucket.max_txt, max_img=bucket.max_img,
-        _sample_image=self._sample_image, params=self.op_params)
+        _sample_image=self._sample_image, params=self.op_params,
+        _sample_images=self._sample_images, _sample_texts=self._sample_texts)
 
   def example(self, index: int, epoch: int,
               bucket: bk.Bucket | None = None,

@@ -604,6 +604,31 @@ class TextSource:
     """The most images any kept record names (1 for caption datasets)."""
     return int(self.num_images.max())
 
+  def input_ids(self, i: int) -> np.ndarray:
+    """`[CLS] tokens [SEP]` of kept record `i` (int32), without reading its
+    image (retrieval reads texts and images separately)."""
+    i = int(i)
+    a, b = self._tok_off[i], self._tok_off[i + 1]
+    ids = np.empty(b - a + 2, np.int32)
+    ids[0] = self.special["CLS"]
+    ids[1:-1] = self._tokens[a:b]
+    ids[-1] = self.special["SEP"]
+    return ids
+
+  def record_id(self, i: int) -> str:
+    """The `id` of kept record `i` (e.g. a VQA question id)."""
+    return self._ids[int(i)].decode()
+
+  def target(self, i: int) -> int:
+    """The `target` of kept record `i` (`schema.NO_TARGET` when none)."""
+    return int(self._targets[int(i)])
+
+  def soft_target(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+    """`(target_labels, target_scores)` of kept record `i` (empty when it
+    has none, e.g. an unlabelled test question)."""
+    a, b = self._lab_off[int(i)], self._lab_off[int(i) + 1]
+    return self._labels[a:b], self._scores[a:b]
+
   def images_of(self, i: int) -> np.ndarray:
     """Image-store indices of every image of kept record `i`, in order."""
     return self.img_indices[self.img_offsets[i]:self.img_offsets[i + 1]]
@@ -648,12 +673,8 @@ class TextSource:
     `img_feat_dtype`, `img_feat_out`: see `ImageStore.load` (first image).
     """
     i = int(i)
-    a, b = self._tok_off[i], self._tok_off[i + 1]
-    ids = np.empty(b - a + 2, np.int32)
-    ids[0] = self.special["CLS"]
-    ids[1:-1] = self._tokens[a:b]
-    ids[-1] = self.special["SEP"]
-    out = {"input_ids": ids, "_id": self._ids[i].decode(), "_index": i}
+    out = {"input_ids": self.input_ids(i), "_id": self._ids[i].decode(),
+           "_index": i}
     if self._targets[i] != schema.NO_TARGET:
       out["targets"] = np.int32(self._targets[i])
     a, b = self._lab_off[i], self._lab_off[i + 1]

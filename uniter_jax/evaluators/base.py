@@ -34,8 +34,12 @@ class EvalContext:
     replicated: the replicated sharding of the mesh (outputs of `jit`).
     batch_multiple: global batch sizes must be multiples of this.
     meta: text metadata of the run (vocabulary size, special ids, vocab).
-    workdir: the run's directory (metrics, plots).
+    workdir: the run's directory (metrics, plots, `results/`).
     config: the run config.
+    make_data: `make_data(key, split, text=None)` -> a `UniterData` of
+      another split (e.g. SNLI-VE's test split, VQA's unlabelled test)
+      read for the task of data key `key` with the run's data settings;
+      `text` (a tfds name) defaults to that dataset's `val_text`.
   """
   model: Any
   tasks: Mapping[str, Any]
@@ -49,11 +53,33 @@ class EvalContext:
   meta: Mapping[str, Any]
   workdir: str
   config: Any
+  make_data: Callable[..., Any] | None = None
   _jitted: dict = dataclasses.field(default_factory=dict)
+  _extra_data: dict = dataclasses.field(default_factory=dict)
 
   def task_of(self, key: str):
     """The task of a "{task}_{dataset}" data key."""
     return self.tasks[self.key_task[key]]
+
+  def data(self, key: str, split: str = "", text: str | None = None):
+    """The held-out data of `key` (`split` empty), or that key's task read
+    from another split (built once per run and cached)."""
+    if not split:
+      if key not in self.datasets:
+        raise ValueError(f"no held-out data {key!r}; have "
+                         f"{sorted(self.datasets)}")
+      return self.datasets[key]
+    if self.make_data is None:
+      raise ValueError("this EvalContext cannot read other splits "
+                       "(no make_data)")
+    if (key, split, text) not in self._extra_data:
+      self._extra_data[key, split, text] = self.make_data(key, split, text)
+    return self._extra_data[key, split, text]
+
+  @property
+  def is_main(self) -> bool:
+    """True on the process that writes files (process 0)."""
+    return jax.process_index() == 0
 
   def jit(self, key: Any, fn: Callable) -> Callable:
     """`jax.jit(fn)` with replicated outputs, compiled once per `key` for

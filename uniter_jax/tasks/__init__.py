@@ -8,6 +8,9 @@ word-region alignment solvers live in `uniter_jax.ot`. Downstream tasks
 modules beside `pretrain`.
 """
 from uniter_jax.tasks import pretrain  # registers the pretraining tasks
+from uniter_jax.tasks import itr  # image-text retrieval
+from uniter_jax.tasks import nlvr2  # NLVR2 (paired, triplet, paired-attn)
+from uniter_jax.tasks import vqa  # VQA and SNLI-VE
 from uniter_jax.tasks.base import get_task_class
 from uniter_jax.tasks.base import make_task
 from uniter_jax.tasks.base import make_tasks
@@ -16,4 +19,4 @@ from uniter_jax.tasks.base import Task
 from uniter_jax.tasks.base import TASKS
 
 __all__ = ["TASKS", "Task", "get_task_class", "make_task", "make_tasks",
-           "pretrain", "register_task"]
+           "itr", "nlvr2", "pretrain", "register_task", "vqa"]

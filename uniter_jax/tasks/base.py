@@ -43,6 +43,10 @@ class Task:
   head_output: ClassVar[str | None] = None
   # Rows of the batch per example (NLVR2 paired: 2, VCR: 4).
   rows_per_example: ClassVar[int] = 1
+  # How a record of several images counts its regions for bucketing:
+  # "max" (each row holds one image: NLVR2 paired) or "sum" (one row holds
+  # them all: NLVR2 triplet); see `UniterData(row_regions=)`.
+  row_regions: ClassVar[str] = "max"
   # Batch fields beyond `contract.BASE_FIELDS` that this task's ops and
   # batch ops produce.
   fields: ClassVar[tuple[contract.Field, ...]] = ()

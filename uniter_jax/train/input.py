@@ -13,7 +13,7 @@ same sequence.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -59,12 +59,37 @@ def make_run_tasks(config) -> dict[str, tasks_lib.Task]:
   return out
 
 
-def task_pool(config) -> list[str]:
-  pool = []
+def task_pool(config, sizes: Mapping[str, int] | None = None) -> list[str]:
+  """Each "{task}_{dataset}" key repeated by its mix ratio.
+
+  A ratio of -1 means "in proportion to the dataset's size" (the official
+  finetuning scripts concatenate their training dbs, e.g. VQA's train,
+  trainval and VG, so each contributes by its example count): every key's
+  weight is then its training example count from `sizes`, reduced by their
+  greatest common divisor. A config uses -1 for all its keys or for none.
+  """
+  entries = []
   for name in sorted(config.datasets.keys()):
     ds = config.datasets[name]
     for task, ratio in zip(ds.tasks, ds.mix_ratio):
-      pool += [f"{task}_{name}"] * int(ratio)
+      entries.append((f"{task}_{name}", int(ratio)))
+  by_size = [k for k, r in entries if r == -1]
+  if by_size and len(by_size) != len(entries):
+    raise ValueError(f"config.datasets: mix_ratio -1 (by size) for "
+                     f"{by_size} but not for the others; use -1 for all or "
+                     "none")
+  bad = [k for k, r in entries if r < 1 and r != -1]
+  if bad:
+    raise ValueError(f"config.datasets: mix ratios of {bad} must be >= 1 "
+                     "(or -1: by dataset size)")
+  if by_size:
+    if sizes is None or any(k not in sizes for k in by_size):
+      raise ValueError("mix_ratio -1 needs the training datasets' sizes")
+    g = int(np.gcd.reduce([int(sizes[k]) for k in by_size]))
+    entries = [(k, int(sizes[k]) // max(g, 1)) for k, _ in entries]
+  pool = []
+  for key, ratio in entries:
+    pool += [key] * ratio
   return pool
 
 
@@ -74,40 +99,65 @@ def task_for_update(pool: list[str], seed: int, update: int) -> str:
   return pool[int(rng.integers(len(pool)))]
 
 
-def _region_rule(config) -> data_lib.RegionRule:
+def region_rule(config) -> data_lib.RegionRule:
+  """The official num_bb rule of `config.data`."""
   d = config.data
   return data_lib.RegionRule(conf_th=d.conf_th, min_bb=d.min_bb,
                              max_bb=d.max_bb,
                              num_bb=d.num_bb if d.num_bb > 0 else None)
 
 
+def make_dataset(config, task: tasks_lib.Task, text: str, split: str, *,
+                 token_budget: int, batch_multiple: int, seed: int,
+                 buckets=None, held_out: bool = False) -> data_lib.UniterData:
+  """The `UniterData` of one text split read for `task` (its ops, batch
+  ops, fields, rows per example and soft labels) under the config's data
+  settings; `buckets` fixes the shapes (else chosen from the split).
+
+  Training data drop texts longer than `data.max_txt_len`; held-out data
+  (`held_out`) keep them up to `data.eval_max_txt_len` (-1: all), as the
+  official evaluation reads its dbs with no limit. Batches hold whole
+  examples on every device: for examples of several rows (NLVR2 pairs) the
+  row multiple is `batch_multiple * rows_per_example`, so per-example
+  outputs (one label per pair) shard evenly too.
+  """
+  max_txt_len = (config.data.get("eval_max_txt_len", -1) if held_out
+                 else config.data.max_txt_len)
+  kwargs = dict(
+      token_budget=token_budget,
+      batch_multiple=batch_multiple * int(task.rows_per_example),
+      max_buckets=config.data.max_buckets,
+      target_padding=config.data.target_padding,
+      max_txt_len=max_txt_len, region_rule=region_rule(config),
+      with_soft_labels=task.with_soft_labels,
+      ops=dict(task.data_ops()), op_params=task.op_params(),
+      batch_ops=task.batch_ops(), fields=task.batch_fields(),
+      rows_per_example=task.rows_per_example,
+      row_regions=task.row_regions, seed=seed)
+  if buckets is not None:
+    kwargs["buckets"] = buckets
+  return data_lib.UniterData(data_dir(config), text, split, **kwargs)
+
+
 def make_datasets(config, tasks: dict[str, tasks_lib.Task], *,
                   split_field: str, text_field: str,
                   token_budget: int, batch_multiple: int,
-                  seed: int) -> dict[str, data_lib.UniterData]:
+                  seed: int, held_out: bool = False
+                  ) -> dict[str, data_lib.UniterData]:
   """UniterData per "{task}_{dataset}" key; tasks of one dataset share
-  their bucket shapes (fewer compiled programs)."""
+  their bucket shapes (fewer compiled programs). `held_out`: see
+  `make_dataset`."""
   out: dict[str, data_lib.UniterData] = {}
   shapes: dict[str, Any] = {}
   for key, task_name, name in task_keys(config):
-    task = tasks[task_name]
     ds = config.datasets[name]
     split = ds[split_field]
     if not split:
       continue
-    kwargs = dict(
-        token_budget=token_budget, batch_multiple=batch_multiple,
-        max_buckets=config.data.max_buckets,
-        target_padding=config.data.target_padding,
-        max_txt_len=config.data.max_txt_len, region_rule=_region_rule(config),
-        with_soft_labels=task.with_soft_labels,
-        ops=dict(task.data_ops()), op_params=task.op_params(),
-        batch_ops=task.batch_ops(), fields=task.batch_fields(),
-        rows_per_example=task.rows_per_example, seed=seed)
-    if name in shapes:
-      kwargs["buckets"] = shapes[name]
-    out[key] = data_lib.UniterData(data_dir(config), ds[text_field], split,
-                                   **kwargs)
+    out[key] = make_dataset(config, tasks[task_name], ds[text_field], split,
+                            token_budget=token_budget,
+                            batch_multiple=batch_multiple, seed=seed,
+                            buckets=shapes.get(name), held_out=held_out)
     shapes.setdefault(name, [(b.max_txt, b.max_img)
                              for b in out[key].buckets])
   return out

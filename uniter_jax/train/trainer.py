@@ -27,6 +27,7 @@ import numpy as np
 from uniter_jax import convert
 from uniter_jax import evaluators
 from uniter_jax import model as um
+from uniter_jax import processor as processor_lib
 from uniter_jax.train import checkpoint as ckpt_lib
 from uniter_jax.train import input as input_lib
 from uniter_jax.train import metrics as metrics_lib
@@ -225,12 +226,14 @@ def _run(config, workdir: str, tasks, lock) -> dict[str, float]:
       seed=config.seed) if training else {}
   val_data = input_lib.make_datasets(
       config, tasks, split_field="val_split", text_field="val_text",
-      token_budget=budget, batch_multiple=multiple, seed=config.seed + 1)
+      token_budget=budget, batch_multiple=multiple, seed=config.seed + 1,
+      held_out=True)
   if not train_data and not val_data:
     raise ValueError("config.mode='eval' needs held-out data: no dataset "
                      "in config.datasets has a val_split")
   meta = input_lib.vocab_info({**train_data, **val_data})
-  pool = input_lib.task_pool(config)
+  pool = input_lib.task_pool(config, {k: len(d.text) for k, d in
+                                      train_data.items()}) if training else []
   key_task = {key: task for key, task, _ in input_lib.task_keys(config)}
 
   # ------------------------------------------------- model and optimizer
@@ -263,15 +266,21 @@ def _run(config, workdir: str, tasks, lock) -> dict[str, float]:
     if found is not None:
       latest, state, data_state = found
       logging.info("resumed from %s at update %d", ckpt.directory, latest)
-    elif not training:
+    elif not training and not config.init_checkpoint:
       ckpt.close()
-      raise FileNotFoundError(f"config.mode='eval': no checkpoint in "
-                              f"{ckpt.directory}")
+      raise FileNotFoundError(
+          f"config.mode='eval': no checkpoint in {ckpt.directory} and no "
+          "config.init_checkpoint to evaluate")
     else:
+      # Fresh training, or evaluating `init_checkpoint` as it is (e.g. an
+      # official finetuned .pt) when the workdir holds no checkpoint.
       state = jax.jit(init_state(False), out_shardings=state_sh)()
       if config.init_checkpoint:
         state = state.replace(params=_init_params(
             config, model, tasks, state.params, state_sh.params))
+      if not training:
+        logging.info("config.mode='eval': evaluating %s (no checkpoint in "
+                     "%s)", config.init_checkpoint, ckpt.directory)
 
     # ------------------------------------------------------- step functions
     grad_scale = float(n_batch) if tcfg.sum_grads else 1.0
@@ -287,7 +296,10 @@ def _run(config, workdir: str, tasks, lock) -> dict[str, float]:
         model=model, tasks=tasks, key_task=key_task, datasets=val_data,
         train_datasets=train_data, mesh=mesh,
         put=functools.partial(sharding.to_global, mesh=mesh), replicated=rep,
-        batch_multiple=multiple, meta=meta, workdir=workdir, config=config)
+        batch_multiple=multiple, meta=meta, workdir=workdir, config=config,
+        make_data=functools.partial(
+            _eval_data, config, tasks, key_task, budget=budget,
+            multiple=multiple))
     scheduled = evaluators.base.from_config(ctx, config.evals,
                                             config.eval.every_steps)
     # A resumed run logs again every update after its checkpoint: rows a
@@ -343,7 +355,10 @@ def _run(config, workdir: str, tasks, lock) -> dict[str, float]:
           key = input_lib.task_for_update(pool, config.seed, update)
           task = key_task[key]
           batch = next(iters[key])
-          examples += batch["input_ids"].shape[0] * jax.process_count()
+          # Examples, not rows (an NLVR2 pair is 2 rows, a retrieval
+          # example 2 x (1 + negatives)).
+          examples += (batch["input_ids"].shape[0] * jax.process_count()
+                       // train_data[key].rows_per_example)
           tokens += int(batch["attn_masks"].sum()) * jax.process_count()
           state, m = train_steps[task](state, sharding.to_global(batch, mesh))
           pending.append((task, m))
@@ -390,10 +405,28 @@ def _run(config, workdir: str, tasks, lock) -> dict[str, float]:
 
   # ------------------------------------------------------------- export
   if params is not None and is_main:
+    # Self-describing: the vocabulary (when the data records one) and the
+    # text/region settings travel with the weights (`Processor.
+    # from_pretrained`, `load_checkpoint(dir)` need nothing else).
     convert.save_flax(os.path.join(workdir, "export_flax"),
                       convert.unscan_params(params), config.model_task,
-                      _base_model_config(config, model), overwrite=True)
+                      _base_model_config(config, model), overwrite=True,
+                      vocab=meta.get("vocab"),
+                      text_config=processor_lib.text_config_from_meta(
+                          meta, max_txt_len=config.data.max_txt_len,
+                          region_rule=input_lib.region_rule(config)))
   return last_eval
+
+
+def _eval_data(config, tasks, key_task, key: str, split: str,
+               text: str | None = None, *, budget: int, multiple: int):
+  """Another split of data key `key`, read as its held-out data is."""
+  name = key[len(key_task[key]) + 1:]
+  ds = config.datasets[name]
+  return input_lib.make_dataset(
+      config, tasks[key_task[key]], text or ds.val_text, split,
+      token_budget=budget, batch_multiple=multiple, seed=config.seed + 1,
+      held_out=True)
 
 
 def _base_model_config(config, model) -> dict[str, Any]:
@@ -439,4 +472,4 @@ def _check_finite(state: TrainState, task: str,
 def _progress(enabled: bool, total: int, initial: int):
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   return tqdm(total=total, initial=initial, disable=not enabled,
-              unit="update", dynamic_ncols=True, desc="pretrain")
+              unit="update", dynamic_ncols=True, desc="train")
