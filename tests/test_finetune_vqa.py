@@ -478,3 +478,30 @@ def test_ve_evaluates_dev_and_test_and_writes_pair_predictions(tmp_path):
     assert out[f"{prefix}/ve_acc_majority"] == pytest.approx(majority,
                                                              rel=1e-6)
     assert out[f"{prefix}/ve_examples"] == len(text)
+
+
+def test_the_export_converts_to_the_official_head_class(trained, tmp_path):
+  """The finished run's `export_flax/` -> `to-torch` (head read from the
+  directory) -> strict `load_state_dict` into the official VQA class, whose
+  logits equal the exported Flax model's on a held-out batch."""
+  from uniter_jax.convert import __main__ as convert_cli  # pylint: disable=g-import-not-at-top
+  c, wd, _ = trained
+  pt = str(tmp_path / "vqa.pt")
+  assert convert_cli.main(["to-torch", os.path.join(wd, "export_flax"),
+                           pt]) == 0
+  model, params = convert.load_checkpoint(os.path.join(wd, "export_flax"))
+  cfg = model.cfg
+  ref = R.UniterForVisualQuestionAnswering(
+      R.UniterConfig(vocab_size=cfg.vocab_size,
+                     max_position_embeddings=cfg.max_position_embeddings,
+                     type_vocab_size=cfg.type_vocab_size, **SMALL),
+      num_answer=3129)
+  ref.load_state_dict(torch.load(pt), strict=True)
+  ref.eval()
+  batch = next(_val_data(c).exact_batches())
+  got = np.asarray(model.apply({"params": params}, {
+      k: batch[k] for k in ("input_ids", "position_ids", "img_feat",
+                            "img_pos_feat", "attn_masks")})["logits"])
+  with torch.no_grad():
+    want = ref(R.static_to_packed(batch), compute_loss=False).numpy()
+  assert _rel(got, want) <= TOL
