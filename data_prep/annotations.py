@@ -352,14 +352,17 @@ class UniterKarpathyCaptions(_RawBuilder):
         del out["restval"]
         out["train"] = out.get("train", []) + ["restval"]
     elif cfg.fold_restval:
-      raise ValueError(f"{common.full_name(self)}: fold_restval applies to "
-                       "the default splits only; name restval in `splits`")
+      raise common.BadInputError(
+          f"{common.full_name(self)}: --fold_restval applies to the default "
+          "splits only", "--split", "drop --fold_restval and name restval "
+          "in a split instead (e.g. --split train=train,restval)")
     for tfds_split, sources in out.items():
       bad = [s for s in sources if s not in KARPATHY_SPLITS]
       if bad or not sources:
-        raise ValueError(f"{common.full_name(self)}: split {tfds_split!r} "
-                         f"takes Karpathy splits {sources}; expected some "
-                         f"of {KARPATHY_SPLITS}")
+        raise common.BadInputError(
+            f"{common.full_name(self)}: split {tfds_split!r} takes Karpathy "
+            f"splits {sources}", "--split", f"name some of "
+            f"{','.join(KARPATHY_SPLITS)} (e.g. --split train=train,restval)")
     return out
 
   def _split_iters(self, dl_manager):

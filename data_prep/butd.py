@@ -31,7 +31,6 @@ import collections
 import csv
 import dataclasses
 import glob
-import json
 import os
 import sys
 from typing import Any, Iterator
@@ -136,8 +135,10 @@ class UniterButdImages(common.ImageStoreBuilder):
                            self.builder_config.tsv_glob)
     paths = sorted(glob.glob(pattern))
     if not paths:
-      raise FileNotFoundError(f"{common.full_name(self)}: no TSV file "
-                              f"matches {pattern}")
+      raise common.MissingInputError(
+          f"{common.full_name(self)}: no TSV file matches", pattern,
+          "check --manual_dir and --tsv_glob; "
+          + common.folder_listing(os.path.dirname(pattern)))
     return paths
 
   def _image_meta(self):
@@ -202,9 +203,23 @@ class _AnnBuilder(common.TextBuilder):
   def _text_meta(self, dl_manager):
     cfg = self.builder_config
     if not cfg.splits:
-      raise ValueError(f"{common.full_name(self)}: config needs `splits`")
-    self._tok = tokenizer.WordPiece(self._path(dl_manager, cfg.vocab),
-                                    lowercase=cfg.lowercase)
+      raise common.BadInputError(
+          f"{common.full_name(self)}: no annotation files named", "splits",
+          "pass --split NAME=FILE")
+    vocab = self._path(dl_manager, cfg.vocab)
+    if not os.path.isfile(vocab):
+      raise common.MissingInputError(
+          "vocab file does not exist", vocab, "pass --vocab a vocab.txt "
+          "(e.g. bert-base-cased/vocab.txt), absolute or relative to "
+          "--manual_dir")
+    missing = [t for t in tokenizer.SPECIAL_TOKENS
+               if t not in set(tokenizer.read_vocab(vocab))]
+    if missing:
+      raise common.BadInputError(
+          f"vocab lacks the special tokens {missing}", vocab, "pass a BERT "
+          "WordPiece vocab.txt (one token a line, with [PAD] [UNK] [CLS] "
+          "[SEP] [MASK])")
+    self._tok = tokenizer.WordPiece(vocab, lowercase=cfg.lowercase)
     meta = dict(self._tok.meta)
     meta.update({"task": self.TASK, "img_store": cfg.img_store,
                  "max_txt_len": cfg.max_txt_len, "lowercase": cfg.lowercase})
@@ -239,8 +254,12 @@ class UniterCocoCaptions(_AnnBuilder):
             for split, rel in self.builder_config.splits.items()}
 
   def _records(self, path: str):
-    with open(path) as f:
-      data = json.load(f)
+    data = common.read_json(path, "captions file")
+    if not isinstance(data, dict) or not isinstance(
+        data.get("annotations"), list):
+      raise common.BadInputError(
+          "no 'annotations' list: not a COCO captions file", path,
+          "pass --split NAME=captions_*.json (the COCO captions format)")
     for ann in data["annotations"]:
       rid = str(ann["id"])
       ids = self._tokenize(rid, ann["caption"])
@@ -262,6 +281,16 @@ def vqa_targets(answers: list[str], ans2label: dict[str, int]
   return labels, scores
 
 
+def _json_list(path: str, field: str, what: str) -> list:
+  """`field` of a JSON file, which must be a list (errors name the file)."""
+  data = common.read_json(path, what)
+  if not isinstance(data, dict) or not isinstance(data.get(field), list):
+    raise common.BadInputError(
+        f"no {field!r} list: not a {what}", path,
+        "check the order of --split NAME=QUESTIONS[,ANNOTATIONS]")
+  return data[field]
+
+
 class UniterVqa(_AnnBuilder):
   """VQA v2 questions (+ annotations) with soft answer targets."""
 
@@ -277,9 +306,16 @@ class UniterVqa(_AnnBuilder):
     meta = super()._text_meta(dl_manager)
     cfg = self.builder_config
     if not cfg.ans2label:
-      raise ValueError(f"{common.full_name(self)}: config needs ans2label")
-    with open(self._path(dl_manager, cfg.ans2label)) as f:
-      self._ans2label = json.load(f)
+      raise common.BadInputError(
+          f"{common.full_name(self)}: no answer list named", "ans2label",
+          "pass --ans2label an {answer: label} JSON")
+    self._ans2label = common.read_json(
+        self._path(dl_manager, cfg.ans2label), "ans2label file")
+    if not isinstance(self._ans2label, dict) or not self._ans2label:
+      raise common.BadInputError(
+          "not a non-empty {answer: label} object",
+          self._path(dl_manager, cfg.ans2label),
+          "pass --ans2label an {answer: label} JSON")
     meta["num_answers"] = 1 + max(self._ans2label.values())
     return meta
 
@@ -290,12 +326,11 @@ class UniterVqa(_AnnBuilder):
 
   def _records(self, split: str, paths: list[str]):
     name = f"{common.full_name(self)}[{split}]"
-    with open(paths[0]) as f:
-      questions = json.load(f)["questions"]
+    questions = _json_list(paths[0], "questions", "VQA questions file")
     answers = None
     if len(paths) > 1:
-      with open(paths[1]) as f:
-        answers = {a["question_id"]: a for a in json.load(f)["annotations"]}
+      answers = {a["question_id"]: a for a in _json_list(
+          paths[1], "annotations", "VQA annotations file")}
     no_target = 0
     for q in questions:
       rid = str(q["question_id"])

@@ -74,6 +74,88 @@ def _array_record_options():
     file_adapters.ADAPTER_FOR_FORMAT[fmt] = old
 
 
+# ----------------------------------------------------------------------------
+# Errors a person acts on.
+# ----------------------------------------------------------------------------
+class InputError(Exception):
+  """A mistake of the person running a build: what, where, and the fix.
+
+  The message reads `<what> (<where>): <fix>`, where `where` names the file,
+  folder, option or key, so the CLI prints it as one line. Raise one of the
+  two subclasses: callers that already catch `ValueError` or
+  `FileNotFoundError` keep working.
+  """
+
+  def __init__(self, what: str, where: Any, fix: str):
+    self.what, self.where, self.fix = what, str(where), fix
+    super().__init__(f"{what} ({where}): {fix}")
+
+
+class BadInputError(InputError, ValueError):
+  """A file, folder or option is there but is not what the build needs."""
+
+
+class MissingInputError(InputError, FileNotFoundError):
+  """A file or folder that the build needs is not there."""
+
+
+# What `python -m data_prep` prints in one line instead of a traceback (as
+# run.py does with `uniter_jax.train.RUN_ERRORS`): a person's mistake, bad
+# source data, or a path the system refuses. Anything else is a bug and
+# keeps its traceback.
+CLI_ERRORS = (InputError, schema.DataError, FileNotFoundError,
+              IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def describe_error(e: BaseException) -> str:
+  """One line `<what> (<where>): <fix>` for an exception in `CLI_ERRORS`."""
+  if isinstance(e, InputError):
+    msg = str(e)
+  elif isinstance(e, schema.DataError):
+    where = e.dataset if e.record_id == "*" else (
+        f"{e.dataset}, record {e.record_id!r}")
+    msg = (f"{e.problem} ({where}): the source data is not what the "
+           "official format holds; fix or re-download that file, or check "
+           "the options that name it")
+  elif isinstance(e, OSError) and e.filename is not None:
+    msg = (f"{e.strerror or type(e).__name__} ({e.filename}): check the "
+           "path (relative source paths are read from --manual_dir)")
+  else:
+    msg = str(e)
+  # One line: a multi-line message would be read as several errors.
+  return " ".join(msg.split("\n"))
+
+
+def read_json(path: str | os.PathLike[str], what: str = "JSON file") -> Any:
+  """Parsed JSON of `path`; a missing or malformed file names itself."""
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise MissingInputError(f"{what} does not exist", path,
+                            "check the path (relative source paths are "
+                            "read from --manual_dir)")
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise BadInputError(f"{what} is not valid JSON ({e})", path,
+                        "fix the file or download it again") from e
+
+
+def folder_listing(path: str | os.PathLike[str], limit: int = 8) -> str:
+  """'<folder> holds a, b, c' for the nearest existing folder of `path`:
+  the fix of a path mistake shows what is there instead."""
+  path = os.path.abspath(os.fspath(path))
+  here = path
+  while not os.path.isdir(here) and os.path.dirname(here) != here:
+    here = os.path.dirname(here)
+  try:
+    names = sorted(os.listdir(here))
+  except OSError:
+    return f"{here} cannot be listed"
+  shown = ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+  return f"{here} holds {shown or 'nothing'}"
+
+
 def full_name(builder: tfds.core.DatasetBuilder) -> str:
   """"builder/config:version", the name `tfds.data_source` accepts."""
   cfg = builder.builder_config
@@ -289,9 +371,11 @@ class TextBuilder(_Counting, tfds.core.GeneratorBasedBuilder):
     try:
       return set(schema.read_image_index(bdir))
     except FileNotFoundError as e:
-      raise FileNotFoundError(
-          f"{full_name(self)}: image store {img_store!r} is not built under "
-          f"{self.data_dir_root}; build it first ({e})") from e
+      raise MissingInputError(
+          f"{full_name(self)}: image store {img_store!r} is not built",
+          bdir, "build it first into the same --data_dir (python -m "
+          "data_prep img_db / butd / synthetic), or fix --img_store "
+          "(builder/config:version)") from e
 
   def _generate_examples(self, *args, **kwargs):
     raise NotImplementedError("records come from _split_generators")
