@@ -12,12 +12,16 @@ checkpoint in the workdir) or "eval" (evaluates the workdir's latest
 checkpoint). Unknown variants are an error that lists the file's known ones
 (docs/training.md).
 
+Logs: the run's own lines at INFO (one at the start names the config, the
+devices and mesh, the data, and whether the run starts fresh or resumes);
+the libraries' (orbax, absl, tensorflow_datasets, jax) from WARNING, or
+from `--log_level=info` / `debug` when asked.
+
 Before training, a config that names a synthetic preset
 (`config.data.synthetic`) gets that corpus built into `config.data.data_dir`
 here, by data_prep: the uniter_jax library only reads datasets.
 """
 
-import logging
 import os
 import sys
 
@@ -31,23 +35,30 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None,
                                "Directory for config, metrics, checkpoints "
                                "and plots.")
+_LOG_LEVEL = flags.DEFINE_enum(
+    "log_level", "warning", ["debug", "info", "warning", "error"],
+    "Lowest level of the libraries' log lines shown (orbax, absl, "
+    "tensorflow_datasets, jax); the run's own lines show from info (or from "
+    "debug with --log_level=debug).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.getLogger().setLevel(logging.INFO)
   # pylint: disable=g-import-not-at-top
   from data_prep import prepare
   from uniter_jax import train
   # pylint: enable=g-import-not-at-top
+  train.trainer.set_log_levels(_LOG_LEVEL.value)
   config = _CONFIG.value
   # Every process of a multi-process run calls this; the build lock makes
   # one of them build and the others accept its build.
   prepare.ensure_synthetic(config)
   try:
-    result = train.train_and_evaluate(config, _WORKDIR.value)
+    result = train.train_and_evaluate(
+        config, _WORKDIR.value,
+        config_name=flags.FLAGS["config"].config_filename)
   except train.PeerLostError as e:
     # Exit now: JAX's shutdown at interpreter exit would wait for the dead
     # peer at a barrier and then abort with a native stack dump.

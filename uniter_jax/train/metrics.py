@@ -1,5 +1,10 @@
 """Metrics: JSON lines and TensorBoard event files, written by process 0.
 
+`Throughput` turns the examples, tokens and updates of a log window into
+rates per second, leaving out the time of steps that compiled a program
+(and of evaluations and saves), so the first window of a run or of a new
+batch shape reports the training speed, not the compiler's.
+
 A run can die anywhere: inside a `write` (leaving a torn last line), or
 after logging updates its last checkpoint does not hold (a resume replays
 them). `MetricWriter(workdir, resume_step=S)` therefore cuts both files
@@ -9,17 +14,21 @@ older run or a hand-edited file may still contain.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import tempfile
 import time
-from typing import Any, Mapping, MutableMapping
+from typing import Any, Callable, Iterator, Mapping, MutableMapping
 
 import jax
 import numpy as np
 
 METRICS_FILE = "metrics.jsonl"
+# Rows of `config.mode=eval` runs: kept apart from the training history, so
+# evaluating a finished run adds no second row for its last update.
+EVAL_METRICS_FILE = "eval_metrics.jsonl"
 
 
 def _plain(v: Any) -> Any:
@@ -71,15 +80,22 @@ class MetricWriter:
   TensorBoard is told to hide its events from `resume_step + 1` on. A torn
   last line is dropped in any case: appending after it would glue the next
   row onto it.
+
+  `filename`: the JSON-lines file in the workdir (`EVAL_METRICS_FILE` for
+  `config.mode=eval`); `tensorboard=False` writes no events (an evaluation
+  of a finished run would otherwise put a second point at its last update).
   """
 
-  def __init__(self, workdir: str, resume_step: int | None = None):
+  def __init__(self, workdir: str, resume_step: int | None = None, *,
+               filename: str = METRICS_FILE, tensorboard: bool = True):
     self.enabled = jax.process_index() == 0
-    self.path = os.path.join(workdir, METRICS_FILE)
+    self.path = os.path.join(workdir, filename)
     self._tb = None
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
       self._repair(resume_step)
+      if not tensorboard:
+        return
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       # tensorboardX names event files by the second they were opened; a
       # restart within that second would reopen (and truncate) the previous
@@ -140,13 +156,70 @@ class MetricWriter:
     with open(self.path, "a", encoding="utf-8") as f:
       f.write(json.dumps(row, sort_keys=True) + "\n")
     for k, v in row.items():
-      if k != "step" and isinstance(v, (int, float)):
+      if self._tb is not None and k != "step" and isinstance(v, (int, float)):
         self._tb.add_scalar(k, v, step)
-    self._tb.flush()
+    if self._tb is not None:
+      self._tb.flush()
 
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+class Throughput:
+  """Examples, tokens and updates per second over one log window.
+
+  The trainer `count`s every micro-step it times and wraps what must not
+  count in `untimed()`: a step that compiles a program (the first of each
+  task and of each new batch shape: tracing and XLA compilation take
+  seconds to minutes, the step itself milliseconds), an evaluation, a
+  checkpoint save. Those steps' examples are not counted either, so the
+  rates are those of the timed steps alone. The caller makes the device
+  finish the steps dispatched before an untimed block (JAX dispatches
+  asynchronously), so their time stays in the window.
+
+  `clock` (seconds, monotonic) is replaceable for tests.
+  """
+
+  def __init__(self, clock: Callable[[], float] = time.perf_counter):
+    self._clock = clock
+    self.restart()
+
+  def restart(self) -> None:
+    """Starts a new window (after a log row)."""
+    self._t0 = self._clock()
+    self._untimed = 0.0
+    self.examples = self.tokens = self.micro_steps = 0
+
+  def count(self, examples: int, tokens: int) -> None:
+    """One timed micro-step of `examples` examples and `tokens` tokens."""
+    self.examples += int(examples)
+    self.tokens += int(tokens)
+    self.micro_steps += 1
+
+  @contextlib.contextmanager
+  def untimed(self) -> Iterator[dict[str, float]]:
+    """Leaves the time of the block out of the window; yields a dict whose
+    "secs" holds that time once the block ends (for a log line)."""
+    out = {"secs": 0.0}
+    t = self._clock()
+    try:
+      yield out
+    finally:
+      out["secs"] = self._clock() - t
+      self._untimed += out["secs"]
+
+  def rates(self, accumulation_steps: int = 1) -> dict[str, float]:
+    """`train/{examples,tokens,updates}_per_sec` of the timed micro-steps
+    since `restart`; empty when none was timed (a window that only
+    compiled), rather than a rate made of compile time."""
+    dt = self._clock() - self._t0 - self._untimed
+    if not self.micro_steps or dt <= 0:
+      return {}
+    return {"train/examples_per_sec": self.examples / dt,
+            "train/tokens_per_sec": self.tokens / dt,
+            "train/updates_per_sec": (self.micro_steps / accumulation_steps
+                                      / dt)}
 
 
 def read_metrics(workdir: str, stats: MutableMapping[str, int] | None = None

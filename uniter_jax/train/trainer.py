@@ -9,13 +9,13 @@ the objectives in `uniter_jax.tasks` and the evaluators in
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
 import re
 import signal
-import time
 from typing import Any
 
 import flax.linen as nn
@@ -36,6 +36,37 @@ from uniter_jax.train import sharding
 from uniter_jax.train import step as step_lib
 from uniter_jax.train import workdir as workdir_lib
 from uniter_jax.train.step import TrainState
+
+
+# Loggers of the libraries a run uses. At INFO they bury the run's own lines:
+# orbax writes dozens per checkpoint save, tensorflow_datasets one per
+# dataset opened, jax probes its backends. orbax and tfds log through absl's
+# logger ("absl").
+LIBRARY_LOGGERS = ("absl", "orbax", "jax", "jaxlib", "flax", "optax",
+                   "tensorflow", "tensorflow_datasets", "etils", "grain",
+                   "array_record", "tensorboardX", "matplotlib", "PIL",
+                   "asyncio", "urllib3", "fsspec", "h5py", "torch")
+
+
+def set_log_levels(library_level: int | str = logging.WARNING,
+                   own_level: int | str = logging.INFO) -> None:
+  """Shows the run's own log lines from `own_level` and the libraries'
+  (`LIBRARY_LOGGERS`) from `library_level`.
+
+  The run's lines go through the root logger, so it gets the lower of the
+  two levels and each library logger its own. `run.py` calls this (its
+  `--log_level` flag sets `library_level`); code that calls
+  `train_and_evaluate` itself may.
+  """
+  lib = logging.getLevelName(library_level.upper()) if isinstance(
+      library_level, str) else int(library_level)
+  own = logging.getLevelName(own_level.upper()) if isinstance(
+      own_level, str) else int(own_level)
+  if not isinstance(lib, int) or not isinstance(own, int):
+    raise ValueError(f"unknown log level {library_level!r} or {own_level!r}")
+  logging.getLogger().setLevel(min(lib, own))
+  for name in LIBRARY_LOGGERS:
+    logging.getLogger(name).setLevel(lib)
 
 
 class NonFiniteError(FloatingPointError):
@@ -147,11 +178,17 @@ def _maybe_init_distributed(config) -> None:
   jax.distributed.initialize(**kwargs)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
-                       ) -> dict[str, float]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       config_name: str | None = None) -> dict[str, float]:
   """Trains the tasks of `config` (resuming from `workdir` if it holds a
   checkpoint), or evaluates the latest checkpoint when `config.mode` is
   "eval". Returns the last evaluation metrics.
+
+  `config_name` (e.g. "configs/demo.py:runlocal") names the config in the
+  line logged at the start, which also gives the devices, the mesh, the
+  data and whether the run starts fresh or resumes. Training rows go to
+  `<workdir>/metrics.jsonl` and TensorBoard; `mode=eval` writes its row to
+  `<workdir>/eval_metrics.jsonl` and leaves the training history alone.
 
   Nothing here names a task: the tasks (`uniter_jax.tasks`) declare their
   head, data, loss and metrics; the evaluators (`uniter_jax.evaluators`) are
@@ -169,7 +206,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   lock = (workdir_lib.WorkdirLock(workdir).acquire()
           if jax.process_index() == 0 else None)
   try:
-    return _run(config, workdir, tasks, lock)
+    return _run(config, workdir, tasks, lock, config_name or "config")
   except jax.errors.JaxRuntimeError as e:
     if jax.process_count() == 1 or not any(m in str(e)
                                             for m in _PEER_LOST_MARKERS):
@@ -198,7 +235,8 @@ def _peer_lost_message(err: Exception, workdir: str) -> str:
           "process to resume")
 
 
-def _run(config, workdir: str, tasks, lock) -> dict[str, float]:
+def _run(config, workdir: str, tasks, lock, config_name: str
+         ) -> dict[str, float]:
   """The body of `train_and_evaluate`, with the workdir locked."""
   training = config.mode == "train"
   is_main = jax.process_index() == 0
@@ -215,8 +253,6 @@ def _run(config, workdir: str, tasks, lock) -> dict[str, float]:
   n_batch = sharding.batch_size_multiple(mesh)
   multiple = int(np.lcm.reduce([n_batch, jax.process_count(),
                                  max(1, config.data.batch_multiple)]))
-  logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape),
-               mesh.size, jax.process_count())
 
   # ----------------------------------------------------------------- inputs
   budget = tcfg.token_budget * n_batch
@@ -265,22 +301,22 @@ def _run(config, workdir: str, tasks, lock) -> dict[str, float]:
     data_state: dict[str, Any] = {}
     if found is not None:
       latest, state, data_state = found
-      logging.info("resumed from %s at update %d", ckpt.directory, latest)
     elif not training and not config.init_checkpoint:
       ckpt.close()
       raise FileNotFoundError(
           f"config.mode='eval': no checkpoint in {ckpt.directory} and no "
           "config.init_checkpoint to evaluate")
-    else:
+    if is_main:
+      logging.info("%s", _start_line(
+          config, config_name, mesh, key_task, train_data, val_data,
+          latest, ckpt.directory))
+    if found is None:
       # Fresh training, or evaluating `init_checkpoint` as it is (e.g. an
       # official finetuned .pt) when the workdir holds no checkpoint.
       state = jax.jit(init_state(False), out_shardings=state_sh)()
       if config.init_checkpoint:
         state = state.replace(params=_init_params(
             config, model, tasks, state.params, state_sh.params))
-      if not training:
-        logging.info("config.mode='eval': evaluating %s (no checkpoint in "
-                     "%s)", config.init_checkpoint, ckpt.directory)
 
     # ------------------------------------------------------- step functions
     grad_scale = float(n_batch) if tcfg.sum_grads else 1.0
@@ -304,8 +340,17 @@ def _run(config, workdir: str, tasks, lock) -> dict[str, float]:
                                             config.eval.every_steps)
     # A resumed run logs again every update after its checkpoint: rows a
     # crashed run wrote past it are dropped (and purged from TensorBoard).
-    writer = metrics_lib.MetricWriter(
-        workdir, resume_step=(latest or 0) if training else None)
+    # An evaluation of the workdir writes apart from the training history:
+    # a row of its own, no TensorBoard point at an update already logged.
+    if training:
+      writer = metrics_lib.MetricWriter(workdir, resume_step=latest or 0)
+      extra = {}
+    else:
+      writer = metrics_lib.MetricWriter(
+          workdir, filename=metrics_lib.EVAL_METRICS_FILE, tensorboard=False)
+      extra = {"evaluated": (os.path.join(ckpt.directory, str(latest))
+                             if latest is not None else
+                             str(config.init_checkpoint))}
 
     def evaluate(update: int, done: bool) -> dict[str, float]:
       """Runs the due evaluators; those that only run at the end (plots)
@@ -314,13 +359,13 @@ def _run(config, workdir: str, tasks, lock) -> dict[str, float]:
       out = {}
       if any(s.due(update, done) for s in regular):
         out = evaluators.base.run_due(regular, state.params, update, done)
-        writer.write(update, out)
+        writer.write(update, {**extra, **out})
       if done:
         final = evaluators.base.run_due(
             [s for s in scheduled if s.final_only], state.params, update,
             done)
         if final:
-          writer.write(update, final)
+          writer.write(update, {**extra, **final})
           out.update(final)
       return out
 
@@ -346,53 +391,71 @@ def _run(config, workdir: str, tasks, lock) -> dict[str, float]:
 
     last_eval: dict[str, float] = {}
     pending: list = []
-    t0, examples, tokens = time.perf_counter(), 0, 0
-    progress = _progress(is_main, total_micro // accum, step // accum)
-    try:
-      with _StopFlag() as stop:
-        while step < total_micro:
-          update = step // accum
-          key = input_lib.task_for_update(pool, config.seed, update)
-          task = key_task[key]
-          batch = next(iters[key])
-          # Examples, not rows (an NLVR2 pair is 2 rows, a retrieval
-          # example 2 x (1 + negatives)).
-          examples += (batch["input_ids"].shape[0] * jax.process_count()
-                       // train_data[key].rows_per_example)
-          tokens += int(batch["attn_masks"].sum()) * jax.process_count()
-          state, m = train_steps[task](state, sharding.to_global(batch, mesh))
-          pending.append((task, m))
-          step += 1
-          if step % accum:
-            continue
-          update = step // accum
-          progress.update(1)
-          done = step >= total_micro
-          stopping = _should_stop(stop, update % config.log_every_steps == 0
-                                  or done)
-          if update % config.log_every_steps == 0 or done or stopping:
-            _check_finite(state, task, ckpt)
-            row = _mean_metrics(pending)
-            dt = time.perf_counter() - t0
-            row.update({"train/lr": float(optim.learning_rate_at(
-                tcfg, update - 1)), "train/examples_per_sec": examples / dt,
-                        "train/tokens_per_sec": tokens / dt,
-                        "train/updates_per_sec": len(pending) / accum / dt})
-            writer.write(update, row)
-            progress.set_postfix(loss=f"{row['train/loss']:.3f}")
-            pending, t0, examples, tokens = [], time.perf_counter(), 0, 0
-          if any(s.due(update, done) for s in scheduled):
+    # Throughput leaves out what is not training: steps that compile (the
+    # first of each task and batch shape), evaluations and saves.
+    timer = metrics_lib.Throughput()
+    compiled: set = set()
+
+    def untimed():
+      # JAX dispatches steps asynchronously: the device finishes the steps
+      # already sent before the untimed block starts, inside the window.
+      jax.block_until_ready(state)
+      return timer.untimed()
+
+    with _progress(is_main, total_micro // accum,
+                   step // accum) as progress, _StopFlag() as stop:
+      while step < total_micro:
+        update = step // accum
+        key = input_lib.task_for_update(pool, config.seed, update)
+        task = key_task[key]
+        batch = next(iters[key])
+        # Examples, not rows (an NLVR2 pair is 2 rows, a retrieval
+        # example 2 x (1 + negatives)).
+        examples = (batch["input_ids"].shape[0] * jax.process_count()
+                    // train_data[key].rows_per_example)
+        tokens = int(batch["attn_masks"].sum()) * jax.process_count()
+        shapes = (task, _batch_shapes(batch))
+        global_batch = sharding.to_global(batch, mesh)
+        if shapes in compiled:
+          state, m = train_steps[task](state, global_batch)
+          timer.count(examples, tokens)
+        else:
+          with untimed() as took:
+            state, m = train_steps[task](state, global_batch)
+            jax.block_until_ready(m)
+          compiled.add(shapes)
+          if is_main:
+            _log_compile(task, batch, took["secs"],
+                         first=sum(t == task for t, _ in compiled) == 1)
+        pending.append((task, m))
+        step += 1
+        if step % accum:
+          continue
+        update = step // accum
+        progress.update(1)
+        done = step >= total_micro
+        stopping = _should_stop(stop, update % config.log_every_steps == 0
+                                or done)
+        if update % config.log_every_steps == 0 or done or stopping:
+          _check_finite(state, task, ckpt)
+          row = _mean_metrics(pending)
+          row["train/lr"] = float(optim.learning_rate_at(tcfg, update - 1))
+          row.update(timer.rates(accum))
+          writer.write(update, row)
+          progress.set_postfix(loss=f"{row['train/loss']:.3f}")
+          pending = []
+          timer.restart()
+        if any(s.due(update, done) for s in scheduled):
+          with untimed():
             last_eval = evaluate(update, done) or last_eval
-            t0 = time.perf_counter()
-          if update % config.checkpoint.every_steps == 0 or done or stopping:
-            _check_finite(state, task, ckpt)
+        if update % config.checkpoint.every_steps == 0 or done or stopping:
+          _check_finite(state, task, ckpt)
+          with untimed():
             save(update)
-          if stopping:
-            logging.warning("stop requested: saved update %d in %s; rerun the "
-                            "same command to resume", update, ckpt.directory)
-            break
-    finally:
-      progress.close()
+        if stopping:
+          logging.warning("stop requested: saved update %d in %s; rerun the "
+                          "same command to resume", update, ckpt.directory)
+          break
     writer.close()
     ckpt.close()
     # The converter-format export is written by one process with orbax's
@@ -416,6 +479,72 @@ def _run(config, workdir: str, tasks, lock) -> dict[str, float]:
                           meta, max_txt_len=config.data.max_txt_len,
                           region_rule=input_lib.region_rule(config)))
   return last_eval
+
+
+def _batch_shapes(batch) -> tuple:
+  """What a jitted step compiles for besides the state: the batch's array
+  shapes and dtypes (a new one means a new program)."""
+  return tuple((k, np.shape(v), str(getattr(v, "dtype", type(v).__name__)))
+               for k, v in sorted(batch.items()))
+
+
+def _log_compile(task: str, batch, secs: float, first: bool) -> None:
+  """The first program of a task at INFO (why the first update is slow);
+  later batch shapes at DEBUG (up to one per bucket)."""
+  rows, lt = np.shape(batch["input_ids"])[:2]
+  li = np.shape(batch["img_feat"])[1] if "img_feat" in batch else 0
+  logging.log(logging.INFO if first else logging.DEBUG,
+              "%s: compiled the train step for %d rows x (%d tokens + %d "
+              "regions) in %.1f s; steps that compile are left out of the "
+              "throughput figures", task, rows, lt, li, secs)
+
+
+def _start_line(config, config_name: str, mesh, key_task, train_data,
+                val_data, latest: int | None, ckdir: str) -> str:
+  """One line: config, mode, devices and mesh, data, fresh or resumed."""
+  dev = jax.devices()[0]
+  n = mesh.size
+  devices = f"{n} {dev.platform} device{'s' if n != 1 else ''}"
+  if dev.platform != "cpu":
+    devices += f" ({dev.device_kind})"
+  if jax.process_count() > 1:
+    devices += f" in {jax.process_count()} processes"
+  mesh_s = " ".join(f"{k}={v}" for k, v in mesh.shape.items())
+  steps = int(config.train.num_train_steps)
+  if config.mode == "train":
+    what = f"train {steps} updates"
+  else:
+    what = "eval"
+  parts = [config_name, f"{what} on {devices}, mesh {mesh_s}"]
+  for label, data in (("train data", train_data), ("held out", val_data)):
+    if data:
+      parts.append(f"{label}: {_data_summary(data, key_task)}")
+  init = str(config.init_checkpoint or "")
+  if config.mode == "eval":
+    start = (f"evaluates update {latest} ({os.path.join(ckdir, str(latest))})"
+             if latest is not None else
+             f"evaluates init_checkpoint {init} as it is (no checkpoint in "
+             f"{ckdir})")
+  elif latest is not None:
+    start = f"resumes from update {latest} ({os.path.join(ckdir, str(latest))})"
+    if latest >= steps:
+      start += f"; finished already (num_train_steps={steps})"
+  elif init:
+    start = f"starts fresh from init_checkpoint {init}"
+  else:
+    start = "starts fresh from a random init"
+  parts.append(start)
+  return " | ".join(parts)
+
+
+def _data_summary(datasets, key_task) -> str:
+  """"<tfds name>[<split>] N examples (tasks)" per text split read."""
+  by_name: dict[str, tuple[int, list[str]]] = {}
+  for key in sorted(datasets):
+    d = datasets[key]
+    by_name.setdefault(d.name, (len(d.text), []))[1].append(key_task[key])
+  return ", ".join(f"{name} {n} examples ({', '.join(tasks)})"
+                   for name, (n, tasks) in by_name.items())
 
 
 def _eval_data(config, tasks, key_task, key: str, split: str,
@@ -469,7 +598,33 @@ def _check_finite(state: TrainState, task: str,
         f"applied and the run stops here. {where}")
 
 
+class _ClearBar(logging.Filter):
+  """Clears the progress bar before a log line is written, so the line
+  starts on a clean line instead of after the bar (the bar redraws at its
+  next update)."""
+
+  def __init__(self, bar):
+    super().__init__()
+    self._bar = bar
+
+  def filter(self, record) -> bool:
+    self._bar.clear()
+    return True
+
+
+@contextlib.contextmanager
 def _progress(enabled: bool, total: int, initial: int):
+  """The tqdm bar of the loop; log lines written meanwhile clear it first."""
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  return tqdm(total=total, initial=initial, disable=not enabled,
-              unit="update", dynamic_ncols=True, desc="train")
+  bar = tqdm(total=total, initial=initial, disable=not enabled,
+             unit="update", dynamic_ncols=True, desc="train")
+  handlers = list(logging.getLogger().handlers) if enabled else []
+  clear = _ClearBar(bar)
+  for h in handlers:
+    h.addFilter(clear)
+  try:
+    yield bar
+  finally:
+    for h in handlers:
+      h.removeFilter(clear)
+    bar.close()
