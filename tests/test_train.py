@@ -200,22 +200,30 @@ def test_loss_weights_reject_unknown_tasks():
   c.train.loss_weights.mlm = 0.5
 
 
+def _sharding_cfg(**mesh):
+  c = tiny_config(steps=3, **mesh)
+  n = c.mesh.data * c.mesh.fsdp
+  c.train.token_budget = 1024 // n  # per device: the same global budget
+  c.data.batch_multiple = 8      # the same batches on every mesh
+  c.train.sum_grads = False      # the same gradient scale on every mesh
+  c.checkpoint.every_steps = 100
+  return c
+
+
+@pytest.fixture(scope="module")
+def one_device_losses(tmp_path_factory):
+  """The reference run on one device, shared by both meshes below."""
+  wd = str(tmp_path_factory.mktemp("one_device") / "run")
+  trainer.train_and_evaluate(_sharding_cfg(), wd)
+  return losses(wd)
+
+
 @pytest.mark.parametrize("mesh", [dict(data=8), dict(data=2, fsdp=4)])
-def test_sharded_training_matches_one_device(tmp_path, mesh):
+def test_sharded_training_matches_one_device(tmp_path, mesh,
+                                             one_device_losses):
   assert len(jax.devices()) >= 8
-
-  def cfg(**m):
-    c = tiny_config(steps=3, **m)
-    n = c.mesh.data * c.mesh.fsdp
-    c.train.token_budget = 1024 // n  # per device: the same global budget
-    c.data.batch_multiple = 8      # the same batches on every mesh
-    c.train.sum_grads = False      # the same gradient scale on every mesh
-    c.checkpoint.every_steps = 100
-    return c
-
-  trainer.train_and_evaluate(cfg(), str(tmp_path / "one"))
-  trainer.train_and_evaluate(cfg(**mesh), str(tmp_path / "many"))
-  one, many = losses(str(tmp_path / "one")), losses(str(tmp_path / "many"))
+  trainer.train_and_evaluate(_sharding_cfg(**mesh), str(tmp_path / "many"))
+  one, many = one_device_losses, losses(str(tmp_path / "many"))
   assert [s for s, _ in one] == [s for s, _ in many] == [1, 2, 3]
   np.testing.assert_allclose([l for _, l in many], [l for _, l in one],
                              rtol=2e-4)
