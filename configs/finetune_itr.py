@@ -42,13 +42,13 @@ from uniter_jax.model import config as model_config
 TXT_DB = "uniter_txt_db/itm_{}:1.0.0"
 # Per dataset: training txt_dbs (config dataset name -> db) with their mix
 # ratios, the val and test dbs. COCO trains on train + restval; the
-# official code concatenates them, so updates draw from each about as often
-# as its size (414k and ~153k captions).
+# official code concatenates them, so updates draw from each in proportion
+# to its size (mix ratio -1: by example count).
 DATASETS = {
     "flickr": {"train": {"flickr": ("flickr30k_train", 1)},
                "val": "flickr30k_val", "test": "flickr30k_test"},
-    "coco": {"train": {"coco": ("coco_train", 73),
-                       "coco_restval": ("coco_restval", 27)},
+    "coco": {"train": {"coco": ("coco_train", -1),
+                       "coco_restval": ("coco_restval", -1)},
              "val": "coco_val", "test": "coco_test"},
 }
 # One example = a caption with 2 x (1 + negative_size) rows; the official
