@@ -18,23 +18,8 @@ from configs import common
 def get_config(arg=None):
   variant = common.parse_arg(arg, runlocal=False)
   c = common.base_config()
-  # 8 heads of 16 dims: with 4 heads of 32 the model often learned to match
-  # only some of the 12 object classes within 3000 updates and stalled near
-  # 0.8 ITM accuracy (docs/training.md, "The demo").
-  c.model.update(dict(hidden_size=128, num_hidden_layers=2,
-                      num_attention_heads=8, intermediate_size=256,
-                      max_position_embeddings=64,
-                      # No dropout: a small model on a small corpus learns
-                      # image-text matching sooner without it.
-                      hidden_dropout_prob=0.0,
-                      attention_probs_dropout_prob=0.0))
-  c.model.vocab_size = -1        # the synthetic corpus' own vocabulary
-  c.model.dtype = "float32"
-  c.data.synthetic = "demo"
-  c.data.data_dir = "/tmp/uniter_jax_data"
+  common.demo_sized_synthetic(c, "demo")   # model: common.DEMO_MODEL
   c.data.max_buckets = 1         # one static shape: fewest compiles on a CPU
-  c.data.min_bb = 6
-  c.data.num_threads = 1
   text = "uniter_synthetic_text/demo:1.0.0"
   c.datasets.synthetic = common.dataset(text, tasks=("itm", "mlm", "mrfr",
                                                      "mrckl"),

@@ -36,7 +36,6 @@ raw annotations (`uniter_karpathy_captions/<name>`) work the same way.
 """
 
 from configs import common
-from configs import demo
 from uniter_jax.model import config as model_config
 
 TXT_DB = "uniter_txt_db/itm_{}:1.0.0"
@@ -150,7 +149,7 @@ def get_config(arg=None):
   elif variant.synthetic:
     _synthetic(c, "demo")
     # The demo's model, so the README demo's pretraining run loads into it.
-    c.model.update(demo.get_config().model.to_dict())
+    common.demo_sized_synthetic(c, "demo")
     c.data.num_threads = 1
     c.train.negative_size = 31
     c.train.hard_neg_size = 7
@@ -182,7 +181,7 @@ def _synthetic(c, preset: str) -> None:
   c.data.synthetic = preset
   c.data.data_dir = "/tmp/uniter_jax_data"
   # The synthetic images hold fewer regions than the official 10..100.
-  c.data.min_bb = demo.get_config().data.min_bb
+  c.data.min_bb = 6
   c.init_checkpoint = ""
   for name in list(c.datasets.keys()):
     del c.datasets[name]

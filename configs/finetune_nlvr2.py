@@ -20,7 +20,6 @@ Variants (combinable, `configs/finetune_nlvr2.py:triplet,large`):
 """
 
 from configs import common
-from configs import demo
 from uniter_jax.model import config as model_config
 
 HEADS = {"attn": "nlvr2-attn", "paired": "nlvr2-paired",
@@ -102,8 +101,7 @@ def get_config(arg=None):
   elif variant.synthetic:
     _synthetic(c, "demo")
     # The demo's model, so the README demo's pretraining run loads into it.
-    c.model.update(demo.get_config().model.to_dict())
-    c.init_checkpoint = ""   # e.g. /tmp/uniter-demo (the demo's workdir)
+    common.demo_sized_synthetic(c, "demo")
     c.data.max_buckets = 2
     c.data.num_threads = 1
     c.train.token_budget = 2048
@@ -125,7 +123,7 @@ def _synthetic(c, preset: str) -> None:
   c.data.synthetic = preset
   c.data.data_dir = "/tmp/uniter_jax_data"
   # The synthetic images hold fewer regions than the official 10..100.
-  c.data.min_bb = demo.get_config().data.min_bb
+  c.data.min_bb = 6
   c.init_checkpoint = ""
   ds = c.datasets.nlvr2
   ds.text, ds.val_text, ds.val_split = text, text, "val"

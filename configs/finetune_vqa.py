@@ -125,18 +125,8 @@ def synthetic(c, preset: str):
   """The demo-sized model and a few hundred CPU updates on synthetic data
   (from the README demo's checkpoint, or from scratch); the caller names
   the dataset. Shared with `configs/finetune_ve.py`."""
-  c.model.update(dict(hidden_size=128, num_hidden_layers=2,
-                      num_attention_heads=8, intermediate_size=256,
-                      max_position_embeddings=64, hidden_dropout_prob=0.0,
-                      attention_probs_dropout_prob=0.0))
-  c.model.vocab_size = -1
-  c.model.dtype = "float32"
-  c.init_checkpoint = ""   # e.g. the demo's workdir or its export_flax/
-  c.data.synthetic = preset
-  c.data.data_dir = "/tmp/uniter_jax_data"
+  common.demo_sized_synthetic(c, preset)
   c.data.max_buckets = 1
-  c.data.min_bb = 6
-  c.data.num_threads = 1
   c.mesh.data = 1
   c.train.token_budget = 2048
   c.train.gradient_accumulation_steps = 1
