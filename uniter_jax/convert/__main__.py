@@ -1,6 +1,6 @@
 """Command line: convert UNITER checkpoints between PyTorch and Flax.
 
-  python -m uniter_jax.convert to-flax --task vqa [--model-config C.json] \
+  python -m uniter_jax.convert to-flax [--task vqa] [--model-config C.json] \
       [--vocab bert-base-cased/vocab.txt] uniter-vqa.pt out_dir
   python -m uniter_jax.convert to-torch [--task vqa] out_dir uniter-vqa.pt
   python -m uniter_jax.convert bert-to-uniter bert/pytorch_model.bin \
@@ -134,6 +134,10 @@ def _to_flax(args) -> None:
   _check_checkpoint_file(args.src)
   cfg = _model_config(args.model_config)
   sd, dtype = core.read_state_dict(args.src)
+  if args.task is None:
+    args.task = core.infer_task(sd, source=args.src)
+    print(f"task '{args.task}' (from the checkpoint's head keys; --task "
+          "overrides)")
   try:
     if cfg is None:
       try:
@@ -261,7 +265,8 @@ def _parser() -> argparse.ArgumentParser:
     return s
 
   a = add("to-flax", "official .pt -> Flax directory")
-  a.add_argument("--task", required=True, choices=tasks)
+  a.add_argument("--task", default=None, choices=tasks,
+                 help="default: inferred from the checkpoint's head keys")
   a.add_argument("--model-config", default=None,
                  help="official JSON model config (default: inferred from "
                  "the checkpoint's shapes, heads = hidden / 64)")
