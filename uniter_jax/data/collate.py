@@ -39,6 +39,10 @@ _DEFAULT = _split(contract.DEFAULT_FIELDS)
 KNOWN_FIELDS = _DEFAULT[2]
 # Per-row bookkeeping that never reaches the batch (besides `_*` keys).
 IGNORED_FIELDS = frozenset({"img_key"})
+# Per-region fields with at most this many values a region (boxes: 7) are
+# padded in one masked assignment; larger ones (features, soft labels) row
+# by row, without a first pass over the whole array.
+_SMALL_TAIL = 64
 
 
 class BufferPool:
@@ -130,13 +134,38 @@ def _stack(examples: Sequence[dict[str, Any]], f: contract.Field, lt: int,
   return arr
 
 
+def _rows_in_buffer(examples: Sequence[dict[str, Any]],
+                    buf: np.ndarray | None, dtype: np.dtype, shape: tuple,
+                    num_bbs: np.ndarray) -> bool:
+  """Whether row r's `img_feat` is `buf[r, :num_bbs[r]]` for every row (so
+  `buf` holds the batch's values and needs only its padding written).
+
+  Nothing can then refer to a row's padding part, which is all that is
+  written: ops receive and return `[:n]` views, never the whole row.
+  """
+  if (buf is None or buf.dtype != dtype or buf.shape != shape
+      or not buf.flags.c_contiguous):
+    return False
+  start, row_bytes = buf.ctypes.data, buf.strides[0]
+  for r, ex in enumerate(examples):
+    v = ex["img_feat"]
+    if (not isinstance(v, np.ndarray) or v.dtype != dtype
+        or v.shape[0] != num_bbs[r] or v.shape[1:] != shape[2:]
+        or v.strides != buf.strides[1:]
+        or v.ctypes.data != start + r * row_bytes):
+      return False
+  return True
+
+
 def collate(examples: Sequence[dict[str, Any]], bucket: Bucket,
             num_rows: int | None = None,
             img_feat_dtype: Any = np.float32,
             fp16_checked: bool = False,
             pool: BufferPool | None = None,
             fields: Sequence[contract.Field] | None = None,
-            rows_per_example: int = 1) -> dict[str, np.ndarray]:
+            rows_per_example: int = 1,
+            img_feat_buffer: np.ndarray | None = None
+            ) -> dict[str, np.ndarray]:
   """Stacks per-row dicts into one batch of shape `bucket` (`num_rows` rows).
 
   Args:
@@ -158,6 +187,11 @@ def collate(examples: Sequence[dict[str, Any]], bucket: Bucket,
       from the rows.
     rows_per_example: rows per example; "example" fields are taken from the
       first row of each example.
+    img_feat_buffer: a float32 [num_rows, Li, D] array into which the rows'
+      fp32 features were loaded (`UniterData`'s per-batch arena). When
+      every row's `img_feat` is exactly its own row of it (row r:
+      `img_feat_buffer[r, :n]`), it becomes the batch's `img_feat` and only
+      the padding is written (no copy); otherwise it is just a source.
 
   Returns:
     The batch dict with `position_ids`, `attn_masks`, `txt_lens`, `num_bbs`.
@@ -205,21 +239,25 @@ def collate(examples: Sequence[dict[str, Any]], bucket: Bucket,
       raise ValueError(f"collate: {_where(ex)} has {t} text tokens and {n} "
                        f"regions; the bucket holds Lt={lt}, Li={li}")
   out: dict[str, np.ndarray] = {}
+  # Text fields are small: padding first, then every row's values in one
+  # masked assignment (row-major order: row by row, as concatenated).
+  in_text = np.arange(lt)[None] < txt_lens[:, None]
+  in_image = np.arange(li)[None] < num_bbs[:, None]
+  lens, nbbs = txt_lens.tolist(), num_bbs.tolist()
   for name, f in by_kind["text"].items():
     if name not in present:
       continue
     dtype, pad = f.default_dtype, f.pad
     tail = np.shape(examples[0][name])[1:]
     _check_tail(f, tail, examples[0], lt, li)
-    arr = _unfilled((b, lt) + tail, dtype)
-    for r, ex in enumerate(examples):
-      v = np.asarray(ex[name])
-      if v.shape != (txt_lens[r],) + tail:
+    vals = [np.asarray(ex[name]) for ex in examples]
+    for ex, v, t in zip(examples, vals, lens):
+      if v.shape != (t,) + tail:
         raise ValueError(f"collate: {_where(ex)} {name} shape {v.shape}, "
-                         f"expected {(int(txt_lens[r]),) + tail} like "
-                         "input_ids")
-      arr[r, :txt_lens[r]] = v
-      arr[r, txt_lens[r]:] = pad
+                         f"expected {(t,) + tail} like input_ids")
+    arr = np.full((b, lt) + tail, pad, dtype)
+    if vals:
+      arr[in_text] = np.concatenate(vals)
     out[name] = arr
   for name, f in by_kind["image"].items():
     if name not in present:
@@ -236,20 +274,37 @@ def collate(examples: Sequence[dict[str, Any]], bucket: Bucket,
       dtype = have if have in f.dtypes else dtype
     tail = np.shape(examples[0][name])[1:]
     _check_tail(f, tail, examples[0], lt, li)
-    arr = _unfilled((b, li) + tail, dtype, pool)
-    for r, ex in enumerate(examples):
-      v = np.asarray(ex[name])
-      if v.shape != (num_bbs[r],) + tail:
+    vals = [np.asarray(ex[name]) for ex in examples]
+    same_dtype = True
+    for ex, v, n in zip(examples, vals, nbbs):
+      if v.shape != (n,) + tail:
         raise ValueError(f"collate: {_where(ex)} {name} shape {v.shape}, "
-                         f"expected {(int(num_bbs[r]),) + tail}")
-      if v.dtype == np.float16 and arr.dtype == np.float32:
-        # Exact, and much faster than numpy's own fp16 cast.
-        sources.fp16_to_fp32(v, out=arr[r, :num_bbs[r]],
-                             finite=True if fp16_checked else None)
-      else:
-        arr[r, :num_bbs[r]] = v
-      if num_bbs[r] < li:
-        arr[r, num_bbs[r]:] = pad
+                         f"expected {(n,) + tail}")
+      same_dtype = same_dtype and v.dtype == dtype
+    if (name == "img_feat"
+        and _rows_in_buffer(examples, img_feat_buffer, dtype,
+                            (b, li) + tail, num_bbs)):
+      # The values are there already: only the padding is written.
+      arr = img_feat_buffer
+      for r, n in enumerate(nbbs):
+        if n < li:
+          arr[r, n:] = pad
+    elif same_dtype and int(np.prod(tail)) <= _SMALL_TAIL:
+      # Small per-region fields (boxes, masks, type ids): as text fields.
+      arr = np.full((b, li) + tail, pad, dtype)
+      if vals:
+        arr[in_image] = np.concatenate(vals)
+    else:
+      arr = _unfilled((b, li) + tail, dtype, pool)
+      for r, (v, n) in enumerate(zip(vals, nbbs)):
+        if v.dtype == np.float16 and arr.dtype == np.float32:
+          # Exact, and much faster than numpy's own fp16 cast.
+          sources.fp16_to_fp32(v, out=arr[r, :n],
+                               finite=True if fp16_checked else None)
+        else:
+          arr[r, :n] = v
+        if n < li:
+          arr[r, n:] = pad
     out[name] = arr
   for name, f in by_kind["row"].items():
     if name in present:
@@ -260,8 +315,8 @@ def collate(examples: Sequence[dict[str, Any]], bucket: Bucket,
   out["position_ids"] = np.broadcast_to(np.arange(lt, dtype=np.int32),
                                         (b, lt)).copy()
   attn = np.zeros((b, lt + li), np.int32)
-  attn[:, :lt] = np.arange(lt)[None] < txt_lens[:, None]
-  attn[:, lt:] = np.arange(li)[None] < num_bbs[:, None]
+  attn[:, :lt] = in_text
+  attn[:, lt:] = in_image
   out["attn_masks"] = attn
   out["txt_lens"] = txt_lens
   out["num_bbs"] = num_bbs

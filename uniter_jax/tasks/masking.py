@@ -27,21 +27,34 @@ Semantics follow the official data/mlm.py, data/mrm.py and data/itm.py:
 * ITM: with probability ``itm_neg_prob`` the image is replaced by
   ``ctx.sample_image(rng, exclude_key=example['img_key'])`` (target 0),
   otherwise kept (target 1).
+
+MLM and ITM never read image arrays and are marked so
+(``ops.no_image_arrays``): in the input pipeline they may see an example's
+image as its key only (a deferred image part), and the pipeline reads
+whichever image the example ends up with once, straight into the batch.
+ITM moves image parts whole, deferred or not.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
+
+from uniter_jax.data import ops as ops_lib
 
 Example = dict[str, Any]
 
 MLM_PROB = 0.15
 MRM_PROB = 0.15
 ITM_NEG_PROB = 0.5
-# Image fields that belong to one image and travel together in ITM.
+# Image fields that belong to one image and travel together in ITM (the
+# last one: the store index of a deferred image, see `ops.DEFERRED_IMAGE`).
 _IMAGE_FIELDS = ("img_feat", "img_pos_feat", "img_soft_labels", "img_key",
-                 "img_type_ids")
+                 "img_type_ids", ops_lib.DEFERRED_IMAGE)
+
+
+_MISSING = object()
 
 
 def _ctx(ctx: Any, name: str, default: Any = None, required: bool = True):
@@ -49,8 +62,10 @@ def _ctx(ctx: Any, name: str, default: Any = None, required: bool = True):
   if isinstance(ctx, Mapping):
     if name in ctx:
       return ctx[name]
-  elif hasattr(ctx, name):
-    return getattr(ctx, name)
+  else:
+    value = getattr(ctx, name, _MISSING)
+    if value is not _MISSING:
+      return value
   if required and default is None:
     raise KeyError(f"task context: missing '{name}' (needed by the "
                    "pretraining op).")
@@ -64,6 +79,7 @@ def _field(example: Mapping[str, Any], name: str, op: str) -> Any:
   return example[name]
 
 
+@ops_lib.no_image_arrays
 def mlm_op(example: Mapping[str, Any], rng: np.random.Generator,
            ctx: Any) -> Example:
   """Masks text tokens for MLM; returns new ``input_ids`` and ``txt_labels``."""
@@ -79,22 +95,28 @@ def mlm_op(example: Mapping[str, Any], rng: np.random.Generator,
     raise ValueError(
         f"mlm_op: 'input_ids' must start with [CLS]={cls_id} and end with "
         f"[SEP]={sep_id}, got {ids[0]} ... {ids[-1]}.")
-  inner = ids[1:-1].astype(np.int32)
-  n = inner.shape[0]
+  n = ids.shape[0] - 2
   draw = rng.random(n)
   random_ids = rng.integers(lo, hi, size=n, dtype=np.int32)
-  selected = draw < prob
-  scaled = draw / prob
-  new = np.where(selected & (scaled < 0.8), np.int32(mask_id),
-                 np.where(selected & (scaled < 0.9), random_ids, inner))
-  labels = np.where(selected, inner, np.int32(-1))
-  if not selected.any():
-    labels[0] = inner[0]
-    new[0] = mask_id
+  # Only the selected positions (a few) change: visited one by one, which
+  # is cheaper than whole-row passes for caption lengths. Inner position k
+  # is k + 1 in the row; [CLS] and [SEP] stay.
+  new = ids.astype(np.int32)   # a copy
+  labels = np.full(n + 2, -1, np.int32)
+  selected = np.flatnonzero(draw < prob).tolist()
+  for k in selected:
+    labels[k + 1] = new[k + 1]
+    scaled = draw[k] / prob
+    if scaled < 0.8:
+      new[k + 1] = mask_id
+    elif scaled < 0.9:
+      new[k + 1] = random_ids[k]
+  if not selected:
+    labels[1] = new[1]
+    new[1] = mask_id
   out = dict(example)
-  out["input_ids"] = np.concatenate(
-      [[cls_id], new, [sep_id]]).astype(np.int32)
-  out["txt_labels"] = np.concatenate([[-1], labels, [-1]]).astype(np.int32)
+  out["input_ids"] = new
+  out["txt_labels"] = labels
   return out
 
 
@@ -128,6 +150,7 @@ def mrm_op(example: Mapping[str, Any], rng: np.random.Generator,
   return out
 
 
+@ops_lib.no_image_arrays
 def itm_op(example: Mapping[str, Any], rng: np.random.Generator,
            ctx: Any) -> Example:
   """Draws the ITM label; for a negative swaps in a different image."""
