@@ -164,6 +164,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.batch_multiple = 0
   c.data.max_buckets = 32       # <=10% padding on dynamic 10..100 regions
   c.data.target_padding = 0.10
+  # Input worker processes per host (reading, joining, task ops and
+  # collation outside the training process; shared out over the training
+  # datasets), each with num_threads threads. -1: chosen from the host's
+  # cores (none up to 4 cores, else cores - 2, at most 32); 0: threads in
+  # the training process only.
+  c.data.num_workers = -1
+  # Region features in the batch: "auto" sends the stored float16 when the
+  # model computes in bfloat16/float16 (widened on the device: the same
+  # values, half the bytes), float32 otherwise; or "float32" / "float16".
+  c.data.img_feat_dtype = "auto"
   c.data.num_threads = 2
   c.data.prefetch = 4
   c.datasets = ml_collections.ConfigDict()

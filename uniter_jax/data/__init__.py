@@ -24,9 +24,12 @@ from uniter_jax.data.contract import check_batch
 from uniter_jax.data.contract import Field
 from uniter_jax.data.contract import PRETRAIN_FIELDS
 from uniter_jax.data.ops import OpContext
+from uniter_jax.data.pipeline import auto_num_workers
 from uniter_jax.data.pipeline import DataIterator
+from uniter_jax.data.pipeline import Loading
 from uniter_jax.data.pipeline import make_pretrain_iterator
 from uniter_jax.data.pipeline import UniterData
+from uniter_jax.data.pipeline import WorkerError
 from uniter_jax.data.schema import DataError
 from uniter_jax.data.sources import ImageStore
 from uniter_jax.data.sources import RegionRule
@@ -35,7 +38,7 @@ from uniter_jax.data.sources import TextSource
 __all__ = [
     "assign_buckets", "Bucket", "choose_buckets", "plan_epoch",
     "BASE_FIELDS", "BatchContractError", "check_batch", "Field",
-    "PRETRAIN_FIELDS", "OpContext", "DataIterator",
-    "make_pretrain_iterator", "UniterData", "DataError", "ImageStore",
+    "PRETRAIN_FIELDS", "OpContext", "auto_num_workers", "DataIterator",
+    "Loading", "make_pretrain_iterator", "UniterData", "WorkerError", "DataError", "ImageStore",
     "RegionRule", "TextSource",
 ]

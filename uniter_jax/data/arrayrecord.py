@@ -181,6 +181,22 @@ class _File:
       os.close(self.fd)
       self.fd = -1
 
+  # Pickled for input worker processes: the record positions travel, the
+  # file is opened again on the other side (no rescan).
+  def __getstate__(self):
+    return {"path": self.path, "starts": self.starts, "lens": self.lens}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self.fd = os.open(self.path, os.O_RDONLY)
+    self._scratch = memoryview(bytearray(_BLOCK_HEADER))
+
+  def __del__(self):
+    try:
+      self.close()
+    except Exception:  # pylint: disable=broad-except
+      pass
+
 
 class FlatArrayRecord:
   """Records of TFDS file instructions, read straight from the files.
@@ -229,6 +245,13 @@ class FlatArrayRecord:
   def close(self):
     for f in self._files:
       f.close()
+
+  def __getstate__(self):
+    return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
 
   def __del__(self):
     try:

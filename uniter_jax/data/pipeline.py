@@ -26,11 +26,17 @@ visits every example exactly once for evaluation.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import hashlib
 import json
 import logging
 import math
+import os
+import re
+import shutil
+import signal
+import tempfile
 import threading
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -118,6 +124,8 @@ class UniterData:
       the base and pretraining fields, not checked.
     batch_ops: callables `batch -> batch` run in order on each collated
       batch (in the iterator's threads), before the check.
+    loading: default threads, prefetch and worker processes of `iterator`
+      and `exact_batches` (`Loading()`: 2 threads in this process).
     seed: data seed (shuffling and per-example RNG).
     shard_index, shard_count: this host and the host count (default
       `jax.process_index()` / `jax.process_count()`).
@@ -145,7 +153,8 @@ class UniterData:
                rows_per_example: int = 1,
                row_regions: str | Callable[[np.ndarray], int] = "max",
                fields: Sequence[contract.Field] | None = None,
-               batch_ops: Sequence[BatchOp] = ()):
+               batch_ops: Sequence[BatchOp] = (),
+               loading: "Loading | None" = None):
     self.shard_index, self.shard_count = _host_defaults(shard_index,
                                                         shard_count)
     if batch_multiple % self.shard_count:
@@ -232,6 +241,7 @@ class UniterData:
         collections.OrderedDict())
     self._lock = threading.Lock()
     self._exact: list[tuple[int, np.ndarray, int]] | None = None
+    self.loading = loading or Loading()
     # 0 when the split is smaller than one batch: training then refuses it
     # (`global_batch`), but `exact_batches` still serves it.
     self.batches_per_epoch = len(self.plan(0).batches)
@@ -288,7 +298,7 @@ class UniterData:
 
   # -- loading ----------------------------------------------------------------
   def _sample_image(self, rng: np.random.Generator, exclude_key: str | None,
-                    max_img: int) -> dict[str, Any]:
+                    max_img: int, load: bool = True) -> dict[str, Any]:
     hi = int(np.searchsorted(self._neg_nbb, max_img, side="right"))
     exclude = (self.store.key_to_index.get(exclude_key, -1)
                if exclude_key is not None else -1)
@@ -299,11 +309,13 @@ class UniterData:
     while True:
       img = int(self._neg_images[rng.integers(hi)])
       if img != exclude:
-        return self.store.load(img)
+        # `load=False`: the deferred part (`ops.DEFERRED_IMAGE`), same draw.
+        return self.store.load(img) if load else {
+            "img_key": self.store.keys[img], ops_lib.DEFERRED_IMAGE: img}
 
   def _sample_images(self, rng: np.random.Generator, n: int,
-                     exclude_key: str | None, max_img: int
-                     ) -> list[dict[str, Any]]:
+                     exclude_key: str | None, max_img: int,
+                     load: bool = True) -> list[dict[str, Any]]:
     hi = int(np.searchsorted(self._neg_nbb, max_img, side="right"))
     exclude = (self.store.key_to_index.get(exclude_key, -1)
                if exclude_key is not None else -1)
@@ -317,6 +329,9 @@ class UniterData:
     pos = rng.choice(hi, size=min(hi, n + excluded), replace=False)
     imgs = self._neg_images[pos]
     imgs = imgs[imgs != exclude][:n]
+    if not load:
+      return [{"img_key": self.store.keys[int(i)],
+               ops_lib.DEFERRED_IMAGE: int(i)} for i in imgs]
     return [self.store.load(int(i)) for i in imgs]
 
   def _sample_texts(self, rng: np.random.Generator, n: int,
@@ -351,7 +366,8 @@ class UniterData:
         pad_id=sp["PAD"], v_range=self.text.v_range, meta=self.text.meta,
         max_txt=bucket.max_txt, max_img=bucket.max_img,
         _sample_image=self._sample_image, params=self.op_params,
-        _sample_images=self._sample_images, _sample_texts=self._sample_texts)
+        _sample_images=self._sample_images, _sample_texts=self._sample_texts,
+        _load_image=self.store.load)
 
   def example(self, index: int, epoch: int,
               bucket: bk.Bucket | None = None,
@@ -359,14 +375,24 @@ class UniterData:
               ) -> dict[str, Any] | list[dict[str, Any]]:
     """Joined example `index` after the task ops of `epoch`: its dict, or
     the list of its row dicts when an op made several rows
-    (`img_feat_out`: see `ImageStore.load`)."""
-    ex = self.text.example(index, img_feat_out=img_feat_out)
-    if self.ops:
-      if bucket is None:
-        bucket = self.buckets[int(self.assignment[index])]
-      rng = ops_lib.example_rng(self.seed, epoch, int(index))
-      ex = ops_lib.apply_ops(ex, self.ops, rng, self.context(bucket))
-    return ex
+    (`img_feat_out`: see `ImageStore.load`).
+
+    With ops, the image of a one-image record is read only when an op
+    that reads image arrays comes or the ops are done (`ops.apply_ops`),
+    so an image that an ITM negative replaced is never read, and the image
+    the example ends with is written into `img_feat_out`."""
+    if not self.ops:
+      return self.text.example(index, img_feat_out=img_feat_out)
+    if self.text.num_images[int(index)] == 1:
+      ex = self.text.example(index, defer_image=True)
+    else:   # a record of several images: all of them are read now
+      ex = self.text.example(index, img_feat_out=img_feat_out)
+      img_feat_out = None
+    if bucket is None:
+      bucket = self.buckets[int(self.assignment[index])]
+    rng = ops_lib.example_rng(self.seed, epoch, int(index))
+    return ops_lib.apply_ops(ex, self.ops, rng, self.context(bucket),
+                             img_feat_out=img_feat_out)
 
   def example_rows(self, index: int, epoch: int,
                    bucket: bk.Bucket | None = None,
@@ -392,6 +418,9 @@ class UniterData:
           and self.text.max_images == 1):
         # The examples' fp32 features are views of one array: a single large
         # (huge-page backed) allocation instead of one fresh one per example.
+        # Example r's image (its own or an ITM negative) is read straight
+        # into row r; with one row per example this array then becomes the
+        # batch's `img_feat` (collate writes only the padding).
         arena = self._pool.empty((len(indices), bucket.max_img,
                                   schema.FEAT_DIM), np.float32)
       rows = []
@@ -402,14 +431,18 @@ class UniterData:
           made[i] = self.example_rows(i, epoch, bucket,
                                       None if arena is None else arena[r])
         rows.extend(made[i])
-    else:
-      # No op sees the examples: keep the stored fp16 features (checked
-      # finite by the store) and let collate cast them straight into the
-      # padded batch (same values, one pass less over the largest array).
-      rows = [self.text.example(int(i), np.float16) for i in indices]
+      return collate_lib.collate(
+          rows, bucket, img_feat_dtype=self.img_feat_dtype,
+          fp16_checked=False, pool=self._pool, fields=self.fields,
+          rows_per_example=self.rows_per_example,
+          img_feat_buffer=arena if self.rows_per_example == 1 else None)
+    # No op sees the examples: keep the stored fp16 features (checked
+    # finite by the store) and let collate cast them straight into the
+    # padded batch (same values, one pass less over the largest array).
+    rows = [self.text.example(int(i), np.float16) for i in indices]
     return collate_lib.collate(rows, bucket,
                                img_feat_dtype=self.img_feat_dtype,
-                               fp16_checked=not self.ops, pool=self._pool,
+                               fp16_checked=True, pool=self._pool,
                                fields=self.fields,
                                rows_per_example=self.rows_per_example)
 
@@ -470,8 +503,10 @@ class UniterData:
         np.where(valid, idx, -1).astype(np.int64), self.rows_per_example)
     return self._finish(batch)
 
-  def exact_batches(self, epoch: int = 0, num_threads: int = 2,
-                    prefetch: int = 4) -> Iterator[dict[str, np.ndarray]]:
+  def exact_batches(self, epoch: int = 0, num_threads: int | None = None,
+                    prefetch: int | None = None,
+                    num_workers: int | None = None
+                    ) -> Iterator[dict[str, np.ndarray]]:
     """This host's batches visiting every kept example exactly once.
 
     For evaluation: unlike the training iterator, nothing is shuffled,
@@ -484,24 +519,51 @@ class UniterData:
     kept-record index, -1 on padding), so metrics can drop the padding and
     predictions can be matched to records (`text.records`, `text.example`).
     Task ops run with the per-example RNG of `epoch` (deterministic).
-    `len(exact_plan())` batches; read with grain's threads.
+    `len(exact_plan())` batches, made in grain's threads or, with
+    `num_workers` > 0, worker processes (default: the data's `loading`).
     """
     n = len(self.exact_plan())
     ds = grain.MapDataset.range(n).map(
         functools.partial(self.load_exact_batch, epoch=epoch))
-    return iter(ds.to_iter_dataset(grain.ReadOptions(
-        num_threads=num_threads, prefetch_buffer_size=prefetch)))
+    opts = self.loading.replace(num_threads=num_threads, prefetch=prefetch,
+                                num_workers=num_workers)
+    with _Workers(ds, opts, self.name) as it:
+      yield from it
 
   # -- iteration --------------------------------------------------------------
-  def iterator(self, num_epochs: int | None = None, num_threads: int = 2,
-               prefetch: int = 4) -> "DataIterator":
-    """A checkpointable iterator over this host's batches."""
+  def iterator(self, num_epochs: int | None = None,
+               num_threads: int | None = None, prefetch: int | None = None,
+               num_workers: int | None = None) -> "DataIterator":
+    """A checkpointable iterator over this host's batches.
+
+    `num_workers` > 0 runs the per-batch work (reading, joining, task ops,
+    collation, batch ops) in that many worker processes (grain's
+    multiprocessing prefetch; each worker uses `num_threads` threads and
+    takes every `num_workers`-th batch), 0 in this process's threads;
+    None: the data's `loading`. Batches depend on (seed, step) only: the
+    same for any worker or thread count, and a restored state continues
+    exactly.
+    """
     self._need_batches()
     total = self.batches_per_epoch * (num_epochs or _ENDLESS_EPOCHS)
-    ds = grain.MapDataset.range(total).map(self.load_batch)
-    it = ds.to_iter_dataset(grain.ReadOptions(
-        num_threads=num_threads, prefetch_buffer_size=prefetch))
-    return DataIterator(self, iter(it))
+    return DataIterator(self, total, self.loading.replace(
+        num_threads=num_threads, prefetch=prefetch, num_workers=num_workers))
+
+  # Pickled into input worker processes (spawned): the indexes built at
+  # start-up travel with the object; files reopen on the other side.
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    del state["_lock"], state["_pool"]
+    state["_plans"] = collections.OrderedDict()
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+    # Unpickled in an input worker process: the large batch arrays are
+    # made in shared memory, so grain hands them to the training process
+    # without copying them again.
+    self._pool = SharedMemoryPool()
 
   def stats(self, epoch: int = 0) -> dict[str, Any]:
     """Padding and drop counts of an epoch's plan (counted in examples)."""
@@ -534,23 +596,75 @@ def _explicit_buckets(shapes, token_budget: int, batch_multiple: int
   return sorted(out, key=lambda b: (b.seq_len, b.max_txt, b.max_img))
 
 
-class DataIterator(Iterator[dict[str, np.ndarray]]):
-  """grain iterator over batches with a JSON-able, checked state."""
+class SharedMemoryPool:
+  """`BufferPool`'s interface for worker processes: large arrays are
+  allocated in shared memory (grain's `SharedMemoryArray`), which grain
+  passes to the consuming process by name instead of copying. They leave
+  the process, so nothing is reused."""
 
-  def __init__(self, data: UniterData, it):
+  def __init__(self, min_bytes: int = 1 << 20):
+    self.min_bytes = min_bytes
+
+  def empty(self, shape, dtype) -> np.ndarray:
+    from grain._src.python.ipc import shared_memory_array  # pylint: disable=g-import-not-at-top
+    dtype = np.dtype(dtype)
+    if int(np.prod(shape, dtype=np.int64)) * dtype.itemsize < self.min_bytes:
+      return np.empty(shape, dtype)
+    return shared_memory_array.SharedMemoryArray(tuple(shape), dtype)
+
+  def __len__(self) -> int:
+    return 0
+
+
+class WorkerError(RuntimeError):
+  """An input worker process died or failed; the message names it."""
+
+
+class DataIterator(Iterator[dict[str, np.ndarray]]):
+  """Iterator over one host's batches with a JSON-able, checked state.
+
+  The state is the next step and the data's fingerprint; restoring it
+  rebuilds the grain pipeline from that step (batches are a function of
+  the step), so it is the same with or without worker processes.
+  """
+
+  def __init__(self, data: UniterData, total: int,
+               loading: Loading | None = None):
     self.data = data
-    self._it = it
+    self.total = int(total)
+    self.loading = loading or data.loading
+    self._step = 0
+    self._it: _Workers | None = None
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    return next(self._it)
+    if self._step >= self.total:
+      raise StopIteration
+    if self._it is None:
+      ds = grain.MapDataset.range(self._step, self.total).map(
+          self.data.load_batch)
+      self._it = _Workers(ds, self.loading, self.data.name, self._step)
+    batch = next(self._it)
+    self._step += 1
+    return batch
+
+  def close(self) -> None:
+    """Stops the worker processes (a later `next` starts them again)."""
+    it, self._it = self._it, None
+    if it is not None:
+      it.close()
+
+  def __del__(self):
+    try:
+      self.close()
+    except Exception:  # pylint: disable=broad-except
+      pass
 
   def get_state(self) -> dict[str, Any]:
     """{'step': next batch, 'fingerprint': ...}; save it with the model."""
-    return {"step": int(self._it.get_state()["next_index"]),
-            "fingerprint": self.data.fingerprint()}
+    return {"step": self._step, "fingerprint": self.data.fingerprint()}
 
   def set_state(self, state: Mapping[str, Any]) -> None:
     """Continues from `state` (from `get_state`, possibly on other hosts)."""
@@ -559,19 +673,155 @@ class DataIterator(Iterator[dict[str, np.ndarray]]):
           f"{self.data.name}: iterator state {dict(state)} was saved for a "
           f"different data setup (fingerprint {self.data.fingerprint()}); "
           "seed, buckets, ops or dataset changed")
-    self._it.set_state({"next_index": int(state["step"])})
+    self.close()
+    self._step = int(state["step"])
+
+
+@dataclasses.dataclass(frozen=True)
+class Loading:
+  """How batches are made: `num_workers` worker processes (0: this
+  process) each with `num_threads` threads, `prefetch` batches ahead."""
+  num_threads: int = 2
+  prefetch: int = 4
+  num_workers: int = 0
+
+  def __post_init__(self):
+    for name in ("num_threads", "prefetch", "num_workers"):
+      if int(getattr(self, name)) < 0:
+        raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+  def replace(self, **overrides) -> "Loading":
+    """A copy with the fields given as non-None overridden."""
+    return dataclasses.replace(
+        self, **{k: int(v) for k, v in overrides.items() if v is not None})
+
+
+def auto_num_workers(cores: int | None = None) -> int:
+  """Worker processes for a host of `cores` CPUs: none up to 4 cores (the
+  training process needs them; threads do), else all but two, at most 32.
+  """
+  cores = (os.cpu_count() or 1) if cores is None else int(cores)
+  return 0 if cores <= 4 else min(cores - 2, 32)
+
+
+def _note_worker(pid_dir: str, worker_index: int, worker_count: int) -> None:
+  """Runs first in each worker process: records its pid for error lines."""
+  del worker_count
+  with open(os.path.join(pid_dir, str(worker_index)), "w") as f:
+    f.write(str(os.getpid()))
+
+
+class _Workers:
+  """grain's iterator over `ds` in threads or worker processes; a failure
+  of a worker process becomes one `WorkerError` naming it."""
+
+  def __init__(self, ds, loading: Loading, name: str, first_step: int = 0):
+    self.name, self.loading, self._step = name, loading, first_step
+    it = ds.to_iter_dataset(grain.ReadOptions(
+        num_threads=loading.num_threads,
+        prefetch_buffer_size=loading.prefetch))
+    self._pid_dir = None
+    if loading.num_workers:
+      # grain reads its absl flags when it starts workers; a program that
+      # parsed none (a script, a notebook) gets their defaults.
+      from absl import flags  # pylint: disable=g-import-not-at-top
+      if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+      self._pid_dir = tempfile.mkdtemp(prefix="uniter-input-workers-")
+      it = it.mp_prefetch(
+          grain.MultiprocessingOptions(
+              num_workers=loading.num_workers,
+              per_worker_buffer_size=max(
+                  1, loading.prefetch // loading.num_workers)),
+          worker_init_fn=functools.partial(_note_worker, self._pid_dir))
+    self._it = iter(it)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    try:
+      batch = next(self._it)
+    except StopIteration:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      if not self.loading.num_workers:
+        raise
+      msg = self._failure(e)
+      self.close()
+      raise WorkerError(msg) from e
+    self._step += 1
+    return batch
+
+  def _failure(self, e: BaseException) -> str:
+    """One line: which worker died and how, or what a worker raised."""
+    code = re.search(r"exit code (-?\d+)", str(e))
+    if code is None:   # an exception inside a worker, passed on by grain
+      lines = [l for l in str(e).strip().splitlines() if l.strip()]
+      return (f"{self.name}: an input worker process raised "
+              f"{type(e).__name__} while making batch {self._step}: "
+              f"{(lines[-1] if lines else '')[:300]}")
+    c = int(code.group(1))
+    how = (f"killed by signal {-c} ({signal.Signals(-c).name})" if c < 0
+           else f"exited with status {c}")
+    dead, same = [], []
+    for f in sorted(os.listdir(self._pid_dir)):
+      pid = int(open(os.path.join(self._pid_dir, f)).read())
+      state, status = _process_state(pid)
+      if state in ("gone", "Z"):
+        name = f"worker {f} of {self.loading.num_workers} (pid {pid})"
+        dead.append(name)
+        # A zombie's wait status: the one grain reports, not a worker
+        # grain stopped afterwards.
+        if status is not None and (status & 0x7F == -c if c < 0
+                                   else status >> 8 == c):
+          same.append(name)
+    named = same or dead
+    who = (" and ".join(named) if len(named) in (1, 2) else
+           f"one of {self.loading.num_workers} worker processes")
+    return (f"{self.name}: input {who} {how} while making batch "
+            f"{self._step}; the run stops here (its last checkpoint is "
+            "intact)")
+
+  def close(self) -> None:
+    it, self._it = self._it, iter(())
+    close = getattr(it, "close", None)
+    if close is not None:
+      close()
+    if self._pid_dir is not None:
+      shutil.rmtree(self._pid_dir, ignore_errors=True)
+      self._pid_dir = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def _process_state(pid: int) -> tuple[str, int | None]:
+  """(state letter from /proc, or "gone"; the wait status of a zombie)."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      fields = f.read().rsplit(")", 1)[1].split()
+  except OSError:
+    return "gone", None
+  status = int(fields[49]) if fields[0] == "Z" and len(fields) > 49 else None
+  return fields[0], status
 
 
 def make_pretrain_iterator(data_dir: str, text: str, split: str = "train", *,
                            num_epochs: int | None = None,
                            state: Mapping[str, Any] | None = None,
-                           num_threads: int = 2, prefetch: int = 4,
+                           num_threads: int | None = None,
+                           prefetch: int | None = None,
+                           num_workers: int | None = None,
                            **kwargs) -> DataIterator:
   """`UniterData(data_dir, text, split, **kwargs).iterator(...)`, restored
   from `state` when given."""
   data = UniterData(data_dir, text, split, **kwargs)
   it = data.iterator(num_epochs=num_epochs, num_threads=num_threads,
-                     prefetch=prefetch)
+                     prefetch=prefetch, num_workers=num_workers)
   if state is not None:
     it.set_state(state)
   return it

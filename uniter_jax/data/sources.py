@@ -28,6 +28,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from uniter_jax.data import arrayrecord
+from uniter_jax.data import ops as ops_lib
 from uniter_jax.data import schema
 
 # Bad input, found while reading or while writing (one type for both).
@@ -115,6 +116,12 @@ def _example_proto():
   return tf_example_pb2.Example
 
 
+# Read data_prep's uncompressed files with `arrayrecord.FlatArrayRecord` and
+# its wire-format parser (True), or always through the array_record
+# library and protobuf (False; benchmarks/bench_workers.py compares them).
+USE_HAND_READER = True
+
+
 class RecordReader:
   """One split of a data_prep dataset, decoded straight from ArrayRecord.
 
@@ -158,12 +165,13 @@ class RecordReader:
     # Files written by data_prep (group_size:1, uncompressed) are read with
     # one preadv per record and parsed in place; others (e.g. built with
     # compression) through the array_record library and protobuf.
-    try:
-      self._flat = arrayrecord.FlatArrayRecord(
-          self.tfds_source.dataset_info.splits[split].file_instructions)
-    except arrayrecord.FormatError as e:
-      logging.info("%s: slow path (%s)", self.name, e)
-      self._flat = None
+    self._flat = None
+    if USE_HAND_READER:
+      try:
+        self._flat = arrayrecord.FlatArrayRecord(
+            self.tfds_source.dataset_info.splits[split].file_instructions)
+      except arrayrecord.FormatError as e:
+        logging.info("%s: slow path (%s)", self.name, e)
     self._base = 0
     if self._flat is not None and len(self._flat) != len(self._raw):
       raise DataError(self.name, "*", f"{len(self._flat)} records in the "
@@ -171,6 +179,15 @@ class RecordReader:
 
   def __len__(self) -> int:
     return len(self._raw)
+
+  # Pickled for input worker processes: the protobuf class is looked up
+  # again on the other side (protobuf descriptors do not pickle).
+  def __getstate__(self):
+    return {k: v for k, v in self.__dict__.items() if k != "_example"}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._example = _example_proto()
 
   def decode(self, buf: bytes, index: Any,
              fields: tuple[str, ...] | None = None) -> dict[str, Any]:
@@ -375,6 +392,11 @@ class ImageStore:
     # bytes), learnt when a record is first parsed (the start-up scan of
     # `num_bbs`); later reads of it skip parsing. -1: not known yet.
     self._spans = np.full((len(self.keys), 4), -1, np.int64)
+    # Per record, what its first load found: 0 not loaded yet, 1 features
+    # and boxes free of inf/NaN, 2 that and no feature's sign bit set (the
+    # usual case: detector features are ReLU outputs), which allows a
+    # cheaper exact fp16 -> fp32 cast. The files do not change while read.
+    self._checked = np.zeros(len(self.keys), np.uint8)
     self._hot_fields = _IMAGE_HOT_FIELDS + (
         ("soft_labels",) if with_soft_labels and self._soft is None else ())
 
@@ -490,19 +512,48 @@ class ImageStore:
     feats = feats[:n]
     if not feats.flags.aligned:
       feats = feats.copy()   # numpy's integer passes are ~4x slower unaligned
-    if not fp16_all_finite(feats):
-      raise DataError(self.name, key, "img_feat holds NaN/inf")
+    checked = int(self._checked[index])
+    if not checked:
+      # One reduction: below 0x7C00 as uint16 = finite with no sign bit.
+      if feats.size and int(feats.view(np.uint16).max()) < _F16_EXP:
+        found = 2
+      elif fp16_all_finite(feats):
+        found = 1
+      else:
+        raise DataError(self.name, key, "img_feat holds NaN/inf")
+    if dtype == np.float16:
+      img_feat = feats
+    else:
+      img_feat = None if img_feat_out is None else img_feat_out[:n]
+      if (checked or found) == 2:
+        img_feat = self._cast_unsigned(feats, img_feat)
+      else:
+        img_feat = fp16_to_fp32(feats, out=img_feat, finite=True)
     out = {
-        "img_feat": (feats if dtype == np.float16 else fp16_to_fp32(
-            feats, out=None if img_feat_out is None else img_feat_out[:n],
-            finite=True)),
+        "img_feat": img_feat,
         "img_pos_feat": box7(norm_bb[:n]),
         "img_key": key,
     }
     if self.with_soft_labels:
       out["img_soft_labels"] = self._soft_labels(int(index), rec, key, n)
-    if not np.isfinite(out["img_pos_feat"]).all():
-      raise DataError(self.name, key, "norm_bb holds NaN/inf")
+    if not checked:
+      if not np.isfinite(out["img_pos_feat"]).all():
+        raise DataError(self.name, key, "norm_bb holds NaN/inf")
+      self._checked[index] = found
+    return out
+
+  @staticmethod
+  def _cast_unsigned(feats: np.ndarray, out: np.ndarray | None
+                     ) -> np.ndarray:
+    """Exact fp16 -> fp32 of finite values without a sign bit set: the
+    fp32 bit pattern is the fp16 one shifted left by 13, times 2**112 (as
+    `fp16_to_fp32`, less the pass that moves the sign bit)."""
+    if out is None:
+      out = np.empty(feats.shape, np.float32)
+    i = out.view(np.int32)
+    np.copyto(i, feats.view(np.uint16), casting="unsafe")
+    np.left_shift(i, 13, out=i)
+    np.multiply(out, _TWO_POW_112, out=out)
     return out
 
 
@@ -660,7 +711,8 @@ class TextSource:
     return np.asarray(out, np.int32)
 
   def example(self, i: int, img_feat_dtype: Any = None,
-              img_feat_out: np.ndarray | None = None) -> dict[str, Any]:
+              img_feat_out: np.ndarray | None = None,
+              defer_image: bool = False) -> dict[str, Any]:
     """The joined per-example dict (batch contract) of kept record `i`.
 
     The first image's part (`img_feat`, `img_pos_feat`, `img_key`[,
@@ -671,6 +723,9 @@ class TextSource:
     decide how they become rows (see docs/data.md).
 
     `img_feat_dtype`, `img_feat_out`: see `ImageStore.load` (first image).
+    `defer_image`: a record of one image gets its image deferred instead
+    (`img_key` and `ops.DEFERRED_IMAGE`, the store index; nothing is read):
+    `ops.apply_ops` loads it when an op needs it or at the end.
     """
     i = int(i)
     out = {"input_ids": self.input_ids(i), "_id": self._ids[i].decode(),
@@ -681,10 +736,15 @@ class TextSource:
     if b > a:
       out["_target_labels"] = self._labels[a:b].copy()
       out["_target_scores"] = self._scores[a:b].copy()
+    a, b = self.img_offsets[i], self.img_offsets[i + 1]
+    if defer_image and b - a == 1:
+      j = int(self.img_index[i])
+      out["img_key"] = self.store.keys[j]
+      out[ops_lib.DEFERRED_IMAGE] = j
+      return out
     first = self.store.load(int(self.img_index[i]), img_feat_dtype,
                             img_feat_out)
     out.update(first)
-    a, b = self.img_offsets[i], self.img_offsets[i + 1]
     if b - a > 1:
       out["_images"] = [first] + [self.store.load(int(j), img_feat_dtype)
                                   for j in self.img_indices[a + 1:b]]

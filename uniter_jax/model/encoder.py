@@ -148,6 +148,11 @@ class ImageEmbeddings(nn.Module):
   def __call__(self, img_feat, img_pos_feat, type_emb, img_masks, *,
                deterministic: bool) -> Array:
     dtype = compute_dtype(self.cfg)
+    if img_feat.dtype == jnp.float16:
+      # Features sent as the stored fp16 (half the host-to-device bytes):
+      # widened here, on the device, so that every later value is the one
+      # the fp32 batch gives (fp16 -> fp32 is exact).
+      img_feat = img_feat.astype(jnp.float32)
     if img_masks is not None:
       mask_row = jnp.asarray(self.mask_embedding)[1].astype(img_feat.dtype)
       img_feat = img_feat + jnp.where(img_masks[..., None].astype(bool),

@@ -107,6 +107,35 @@ def region_rule(config) -> data_lib.RegionRule:
                              num_bb=d.num_bb if d.num_bb > 0 else None)
 
 
+def num_workers(config) -> int:
+  """`data.num_workers` with -1 (the default) resolved from the host's
+  cores (`data.auto_num_workers`)."""
+  n = int(config.data.get("num_workers", -1))
+  return data_lib.auto_num_workers() if n < 0 else n
+
+
+def img_feat_dtype(config) -> str:
+  """`data.img_feat_dtype`, with "auto" (the default) resolved: the stored
+  float16 when the model computes in bfloat16 or float16 (the device
+  widens it; half the host memory and host-to-device bytes), else float32.
+  """
+  d = config.data.get("img_feat_dtype", "auto")
+  if d == "auto":
+    low = str(config.model.get("dtype", "float32")) in ("bfloat16", "float16")
+    return "float16" if low else "float32"
+  if d not in ("float32", "float16"):
+    raise ValueError(f"data.img_feat_dtype must be 'auto', 'float32' or "
+                     f"'float16', got {d!r}")
+  return d
+
+
+def loading(config) -> data_lib.Loading:
+  """Threads, prefetch and input worker processes of `config.data`."""
+  return data_lib.Loading(num_threads=config.data.num_threads,
+                          prefetch=config.data.prefetch,
+                          num_workers=num_workers(config))
+
+
 def make_dataset(config, task: tasks_lib.Task, text: str, split: str, *,
                  token_budget: int, batch_multiple: int, seed: int,
                  buckets=None, held_out: bool = False) -> data_lib.UniterData:
@@ -133,7 +162,8 @@ def make_dataset(config, task: tasks_lib.Task, text: str, split: str, *,
       ops=dict(task.data_ops()), op_params=task.op_params(),
       batch_ops=task.batch_ops(), fields=task.batch_fields(),
       rows_per_example=task.rows_per_example,
-      row_regions=task.row_regions, seed=seed)
+      row_regions=task.row_regions, seed=seed,
+      img_feat_dtype=img_feat_dtype(config), loading=loading(config))
   if buckets is not None:
     kwargs["buckets"] = buckets
   return data_lib.UniterData(data_dir(config), text, split, **kwargs)

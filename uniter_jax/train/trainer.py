@@ -377,8 +377,11 @@ def _run(config, workdir: str, tasks, lock, config_name: str
       return out
 
     # ----------------------------------------------------------------- loop
-    iters = {k: d.iterator(num_epochs=None, num_threads=config.data.num_threads,
-                           prefetch=config.data.prefetch)
+    # The host's input worker processes are shared out over the training
+    # datasets (each iterator gets its own).
+    workers = input_lib.num_workers(config)
+    per_iter = -(-workers // len(train_data)) if workers else 0
+    iters = {k: d.iterator(num_epochs=None, num_workers=per_iter)
              for k, d in train_data.items()}
     for k, s in data_state.get("iterators", {}).items():
       iters[k].set_state(s)
@@ -456,6 +459,8 @@ def _run(config, workdir: str, tasks, lock, config_name: str
           logging.warning("stop requested: saved update %d in %s; rerun the "
                           "same command to resume", update, ckpt.directory)
           break
+    for it in iters.values():
+      it.close()   # stops input worker processes
     writer.close()
     ckpt.close()
     # The converter-format export is written by one process with orbax's
