@@ -726,8 +726,7 @@ def main():
   p.add_argument("--workers", default="0,1,2",
                  help="worker-process counts of the worker table "
                  "(benchmarks/bench_workers.py: the in-domain mix, cores "
-                 "per H100, hand-written reader vs array_record); empty "
-                 "for none")
+                 "per H100); empty for none")
   p.add_argument("--worker_batches", type=int, default=30)
   p.add_argument("--malloc_tuned", action="store_true",
                  help="run with MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_="
@@ -778,13 +777,12 @@ def main():
               realistic_padding(args.token_budget)):
     print(json.dumps(row))
   if args.workers:
-    # Worker processes and the reader comparison, in the same run.
+    # Worker processes, in the same run.
     import bench_workers  # pylint: disable=g-import-not-at-top
     print("\nworker processes (benchmarks/bench_workers.py):", flush=True)
     bench_workers.report(argparse.Namespace(
         images=args.images, captions=args.captions,
-        batches=args.worker_batches, workers=args.workers,
-        no_reader_comparison=False))
+        batches=args.worker_batches, workers=args.workers))
 
 
 if __name__ == "__main__":

@@ -63,20 +63,16 @@ def make_config(data_dir: str):
   return c
 
 
-def datasets(config, text: str, hand_reader: bool = True) -> dict:
-  """The mix's training datasets, read with the hand-written ArrayRecord
-  reader or through the array_record library and protobuf."""
+def datasets(config, text: str) -> dict:
+  """The mix's training datasets, as the trainer makes them."""
   from uniter_jax import tasks  # pylint: disable=g-import-not-at-top
-  from uniter_jax.data import sources  # pylint: disable=g-import-not-at-top
   from uniter_jax.train import input as input_lib  # pylint: disable=g-import-not-at-top
-  sources.USE_HAND_READER = hand_reader
   out = {}
   for name in MIX:
     task = tasks.make_task(name, config)
     out[name] = input_lib.make_dataset(
         config, task, text, "train", token_budget=config.train.token_budget,
         batch_multiple=1, seed=0)
-  sources.USE_HAND_READER = True
   return out
 
 
@@ -136,15 +132,13 @@ def main():
   ap.add_argument("--batches", type=int, default=30,
                   help="timed batches per task and worker count")
   ap.add_argument("--workers", default="0,1,2")
-  ap.add_argument("--no_reader_comparison", action="store_true")
   args = ap.parse_args()
   report(args)
 
 
 def report(args):
-  """Prints the worker table, the cores per accelerator and the reader
-  comparison (`args`: images, captions, batches, workers,
-  no_reader_comparison)."""
+  """Prints the worker table and the cores per accelerator (`args`: images,
+  captions, batches, workers)."""
   counts = [int(w) for w in args.workers.split(",")]
   print(f"host: {os.cpu_count()} cores; wall-clock examples/s, 1 thread per "
         "process; in-domain mix ITM 2 : MLM 2 : MRFR 1 : MRC-kl 1")
@@ -180,21 +174,6 @@ def report(args):
             f"(~{tok:.0f} padded tokens each); at {per_core:,.0f} examples/s "
             f"per worker core: {ex_s / per_core:.1f} cores per H100, "
             f"{8 * ex_s / per_core:.0f} per 8-GPU host", flush=True)
-      if args.no_reader_comparison:
-        continue
-      # The same mix read through the array_record library and protobuf.
-      lib = datasets(config, text, hand_reader=False)
-      print(f"  reader (mix examples/s)   " + " ".join(
-          f"{('threads' if w == 0 else f'{w} worker' + 's' * (w > 1)):>11}"
-          for w in counts))
-      lib_mix = {w: mix_rate({t: rate(d, w, args.batches)[0]
-                              for t, d in lib.items()}) for w in counts}
-      print(f"  {'hand-written':<25} " + " ".join(
-          f"{mixed[w]:>11.0f}" for w in counts))
-      print(f"  {'array_record + protobuf':<25} " + " ".join(
-          f"{lib_mix[w]:>11.0f}" for w in counts))
-      print(f"  {'hand / library':<25} " + " ".join(
-          f"{mixed[w] / lib_mix[w]:>10.2f}x" for w in counts), flush=True)
 
 
 if __name__ == "__main__":

@@ -448,20 +448,14 @@ def test_fp16_to_fp32_is_exact_for_every_bit_pattern():
   np.testing.assert_array_equal(out, np.arange(12).reshape(3, 4) - 5.5)
 
 
-def test_flat_reader_matches_tfds(data_dir):
+def test_reader_matches_tfds(data_dir):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from uniter_jax.data import arrayrecord  # pylint: disable=g-import-not-at-top
   cases = [(IMAGES, schema.IMAGE_SPLIT, schema.IMAGE_ARRAYS, ()),
            (IMAGES, schema.SOFT_LABEL_SPLIT, schema.IMAGE_ARRAYS, ()),
            (TEXT, "train", schema.TEXT_ARRAYS, schema.TEXT_LISTS)]
   for name, split, arrays, lists in cases:
     reader = sources.RecordReader(data_dir, name, split, arrays, lists)
-    assert reader._flat is not None, (name, split)  # pylint: disable=protected-access
     files = tfds.data_source(name, split=split, data_dir=data_dir)
-    for f in files.dataset_info.splits[split].file_instructions:
-      assert arrayrecord.writer_options(f.filename).split(",")[:4] == [
-          "group_size:1", "transpose:false", "pad_to_block_boundary:false",
-          "uncompressed"]
     for i in range(len(files)):
       a, b = reader[i], files[i]
       assert a.keys() == b.keys()
@@ -472,32 +466,15 @@ def test_flat_reader_matches_tfds(data_dir):
         else:
           assert list(a[k]) == list(b[k]) if isinstance(a[k], list) else (
               a[k] == b[k]), k
-    # Records of a dataset share a layout: after the first, the largest
-    # array lands 8-byte aligned in its buffer (no realigning copy).
-    rec = reader.get(len(reader) - 1, tuple(arrays))
-    big = max(rec.values(), key=lambda v: v.nbytes)
-    assert big.ctypes.data % 8 == 0
-
-
-def test_flat_reader_refuses_other_layouts(tmp_path):
-  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-  from uniter_jax.data import arrayrecord  # pylint: disable=g-import-not-at-top
-  path = str(tmp_path / "x.array_record")
-  w = array_record_module.ArrayRecordWriter(path, "group_size:1")  # brotli
-  w.write(b"abc")
-  w.close()
-  assert not arrayrecord.supported(path)
-  with pytest.raises(arrayrecord.FormatError):
-    arrayrecord.parse_example(b"\x0a\x05\x0a\x03\x0a\x01")  # truncated entry
 
 
 def test_corrupted_record_is_an_error(data_dir):
   store = sources.ImageStore(data_dir, IMAGES)
   src = store._source  # pylint: disable=protected-access
-  buf = src._flat.read(3).copy()  # pylint: disable=protected-access
-  buf[1:40] = 0xFF
+  buf = bytearray(src.tfds_source.data_source[3])
+  buf[1:40] = b"\xff" * 39
   with pytest.raises(sources.DataError, match=r"images\].*record 3.*corrupt"):
-    src.decode_flat(buf, 3)
+    src.decode(bytes(buf), 3)
 
 
 def test_img_feat_float16_option(data_dir):
@@ -574,7 +551,6 @@ def test_compressed_datasets_read_through_slow_path(data_dir, monkeypatch):
       shard_index=0, shard_count=1, max_buckets=6, target_padding=0.0,
       seed=3, with_soft_labels=True)
   fast = make(data_dir, with_soft_labels=True)
-  assert not slow.store._source.flat and fast.store._source.flat  # pylint: disable=protected-access
   assert slow.batches_per_epoch == fast.batches_per_epoch
   for step in range(slow.batches_per_epoch):
     same_batch(slow.load_batch(step), fast.load_batch(step))

@@ -1,7 +1,8 @@
 """Input pipeline: TFDS data sources -> text-image join -> task ops -> buckets.
 
 Public API:
-  UniterData, make_pretrain_iterator, DataIterator  (pipeline.py)
+  UniterData, make_pretrain_iterator, DataIterator, Loading,
+  auto_num_workers, WorkerError                     (pipeline.py)
   Bucket, choose_buckets, assign_buckets, plan_epoch (buckets.py)
   OpContext                                         (ops.py)
   RegionRule, ImageStore, TextSource                (sources.py)
@@ -9,8 +10,7 @@ Public API:
   PRETRAIN_FIELDS                                   (contract.py)
   DataError, and the on-disk schema                 (schema.py)
   collate.collate, collate.BufferPool                (collate.py)
-  RecordReader, fp16_to_fp32 (sources.py); FlatArrayRecord,
-  parse_example (arrayrecord.py: uncompressed ArrayRecord reading)
+  RecordReader, fp16_to_fp32                        (sources.py)
 See docs/data.md.
 """
 

@@ -1,10 +1,9 @@
 """Random-access readers of the data_prep TFDS datasets, and the text-image join.
 
 `RecordReader` reads one split of a data_prep dataset: the files
-`tfds.data_source` would read (no TensorFlow runtime), but record bytes come
-from `arrayrecord.FlatArrayRecord` (one `preadv`, for the uncompressed files
-data_prep writes) and are parsed in place, arrays as `np.frombuffer` views;
-other files go through the array_record library and protobuf.
+`tfds.data_source` would read (no TensorFlow runtime), through the
+array_record library, each record parsed once with protobuf and its arrays
+taken as `np.frombuffer` views.
 `ImageStore` reads one image store, maps image keys to record indices once
 (from the store's `img_index.json`), applies the official region-count rule
 and returns the model's image part: fp32 (or fp16) features, the 7-d box
@@ -27,7 +26,6 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from uniter_jax.data import arrayrecord
 from uniter_jax.data import ops as ops_lib
 from uniter_jax.data import schema
 
@@ -116,12 +114,6 @@ def _example_proto():
   return tf_example_pb2.Example
 
 
-# Read data_prep's uncompressed files with `arrayrecord.FlatArrayRecord` and
-# its wire-format parser (True), or always through the array_record
-# library and protobuf (False; benchmarks/bench_workers.py compares them).
-USE_HAND_READER = True
-
-
 class RecordReader:
   """One split of a data_prep dataset, decoded straight from ArrayRecord.
 
@@ -155,27 +147,8 @@ class RecordReader:
       raise DataError(self.name, "*", f"dataset has no fields {missing}; "
                       f"it has {sorted(features)}")
     self._arrays = dict(arrays)
-    self._layout = {}
-    for key, (dtype, tail) in self._arrays.items():
-      dtype = np.dtype(dtype)
-      self._layout[key] = (dtype, tuple(tail), dtype.itemsize,
-                           dtype.itemsize * int(np.prod(tail, dtype=np.int64)))
     self._lists = frozenset(lists)
     self._example = _example_proto()
-    # Files written by data_prep (group_size:1, uncompressed) are read with
-    # one preadv per record and parsed in place; others (e.g. built with
-    # compression) through the array_record library and protobuf.
-    self._flat = None
-    if USE_HAND_READER:
-      try:
-        self._flat = arrayrecord.FlatArrayRecord(
-            self.tfds_source.dataset_info.splits[split].file_instructions)
-      except arrayrecord.FormatError as e:
-        logging.info("%s: slow path (%s)", self.name, e)
-    self._base = 0
-    if self._flat is not None and len(self._flat) != len(self._raw):
-      raise DataError(self.name, "*", f"{len(self._flat)} records in the "
-                      f"files, {len(self._raw)} in the split")
 
   def __len__(self) -> int:
     return len(self._raw)
@@ -226,61 +199,7 @@ class RecordReader:
         raise DataError(self.name, index, f"field {key!r} is empty")
     return out
 
-  def decode_flat(self, buf: bytearray, index: Any,
-                  fields: tuple[str, ...] | None = None,
-                  start: int = 0,
-                  spans: dict[str, tuple[int, int]] | None = None
-                  ) -> dict[str, Any]:
-    """As `decode`, parsing the wire format of `buf[start:]` in place:
-    arrays are views of `buf` (no copy). If `spans` is a dict, it receives
-    each array field's (offset in the record, byte length)."""
-    try:
-      feats = arrayrecord.parse_example(
-          buf, start, None if fields is None else frozenset(fields))
-    except (arrayrecord.FormatError, IndexError, UnicodeDecodeError) as e:
-      raise DataError(self.name, index, f"corrupted record ({e})") from e
-    out = {}
-    largest = (0, 0)
-    mem = memoryview(buf) if isinstance(buf, np.ndarray) else buf
-    for key in (feats.keys() if fields is None else fields):
-      if key not in feats:
-        raise DataError(self.name, index, f"record has no field {key!r}")
-      kind, val = feats[key]
-      if kind == "bytes":
-        if key in self._arrays:
-          dtype, tail, item, row = self._layout[key]
-          off, n = val[0] if val else (0, 0)
-          largest = max(largest, (n, off))
-          if spans is not None:
-            spans[key] = (off - start, n)
-          if n % row:
-            raise DataError(self.name, index, f"{key}: {n} bytes are no "
-                            f"whole number of {tail} {dtype} rows "
-                            "(corrupted record)")
-          out[key] = (np.frombuffer(buf, dtype, n // item, off) if n
-                      else np.empty(0, dtype)).reshape((-1,) + tail)
-        elif key in self._lists:
-          out[key] = [bytes(mem[a:a + n]) for a, n in val]
-        else:
-          out[key] = (bytes(mem[val[0][0]:val[0][0] + val[0][1]]) if val
-                      else b"")
-      elif kind == "int64" and val:
-        out[key] = int(val[0])
-      elif kind == "float" and len(val):
-        out[key] = float(val[0])
-      else:
-        raise DataError(self.name, index, f"field {key!r} is empty")
-    if largest[0]:
-      # Where to place the next record in its buffer so that its largest
-      # array starts 8-byte aligned (records of a dataset share a layout).
-      self._base = (start - largest[1]) % 8
-    return out
-
   def _read(self, index: int, fields: tuple[str, ...] | None):
-    if self._flat is not None:
-      base = self._base
-      return self.decode_flat(self._flat.read(int(index), base), index,
-                              fields, base)
     return self.decode(self._raw[int(index)], index, fields)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
@@ -290,45 +209,8 @@ class RecordReader:
     """Only `fields` of record `index` (the others are not decoded)."""
     return self._read(index, fields)
 
-  @property
-  def flat(self) -> bool:
-    """True when records are read with `arrayrecord.FlatArrayRecord`."""
-    return self._flat is not None
-
-  def get_with_spans(self, index: int, fields: tuple[str, ...]
-                     ) -> tuple[dict[str, Any], dict[str, tuple[int, int]]]:
-    """`get`, plus each array field's (offset in the record, byte length);
-    needs `flat`."""
-    spans = {}
-    base = self._base
-    rec = self.decode_flat(self._flat.read(int(index), base), index, fields,
-                           base, spans)
-    return rec, spans
-
-  def read_span_arrays(self, index: int,
-                       spans: Sequence[tuple[str, int, int]]
-                       ) -> list[np.ndarray]:
-    """Arrays of record `index` at known (field, offset, byte length)
-    places, without parsing; the record is placed so that the first one
-    starts 8-byte aligned. Needs `flat`."""
-    base = (-spans[0][1]) % 8
-    buf = self._flat.read(int(index), base)
-    out = []
-    for key, off, n in spans:
-      dtype, tail, item, _ = self._layout[key]
-      if base + off + n > len(buf):
-        raise DataError(self.name, index, f"{key}: record shorter than its "
-                        "recorded layout")
-      out.append(np.frombuffer(buf, dtype, n // item, base + off).reshape(
-          (-1,) + tail))
-    return out
-
   def iter_fields(self, fields: tuple[str, ...], chunk: int = 512):
     """(index, fields) of every record, read in chunks (start-up scans)."""
-    if self._flat is not None:
-      for i in range(len(self)):
-        yield i, self._read(i, fields)
-      return
     for lo in range(0, len(self), chunk):
       idx = list(range(lo, min(lo + chunk, len(self))))
       for i, buf in zip(idx, self._raw.__getitems__(idx)):
@@ -388,10 +270,6 @@ class ImageStore:
                         f"{len(self._soft)} records, {schema.IMAGE_SPLIT} "
                         f"{len(self.keys)}")
     self._num_bbs: np.ndarray | None = None
-    # Per record, where `features` and `norm_bb` lie (offset, bytes, offset,
-    # bytes), learnt when a record is first parsed (the start-up scan of
-    # `num_bbs`); later reads of it skip parsing. -1: not known yet.
-    self._spans = np.full((len(self.keys), 4), -1, np.int64)
     # Per record, what its first load found: 0 not loaded yet, 1 features
     # and boxes free of inf/NaN, 2 that and no feature's sign bit set (the
     # usual case: detector features are ReLU outputs), which allows a
@@ -430,41 +308,17 @@ class ImageStore:
     if len(todo) > 1000:
       logging.info("%s: reading region counts of %d images", self.name,
                    len(todo))
-    flat = isinstance(self._source, RecordReader) and self._source.flat
     for i in todo:
-      if flat:
-        rec, spans = self._source.get_with_spans(int(i), _IMAGE_HOT_FIELDS)
-        self._learn_spans(int(i), rec, spans)
-      else:
-        rec = self._source[int(i)]
+      rec = self._source.get(int(i), ("num_bb", "conf"))
       self._num_bbs[i] = self._nbb(rec, self.keys[i])
     return self._num_bbs if indices is None else self._num_bbs[indices]
-
-  def _learn_spans(self, index: int, rec: dict[str, Any],
-                   spans: dict[str, tuple[int, int]]) -> None:
-    if int(rec["num_bb"]) == len(rec["features"]) == len(rec["norm_bb"]):
-      self._spans[index] = (*spans["features"], *spans["norm_bb"])
 
   def _read_hot(self, index: int):
     """(stored features, stored norm_bb, regions to use, the decoded record
     or None) of image record `index`."""
     n = -1 if self._num_bbs is None else int(self._num_bbs[index])
-    sp = self._spans[index]
-    legacy_soft = self._soft is None and self.with_soft_labels
-    if n > 0 and sp[0] >= 0 and not legacy_soft and self._source.flat:
-      feats, bb = self._source.read_span_arrays(index, (
-          ("features", int(sp[0]), int(sp[1])),
-          ("norm_bb", int(sp[2]), int(sp[3]))))
-      if n <= len(feats) == len(bb):
-        return feats, bb, n, None
     key = self.keys[index]
-    if legacy_soft:   # soft labels inside `images` (older stores)
-      rec = self._source.get(index, self._hot_fields)
-    elif isinstance(self._source, RecordReader) and self._source.flat:
-      rec, spans = self._source.get_with_spans(index, self._hot_fields)
-      self._learn_spans(index, rec, spans)
-    else:
-      rec = self._source.get(index, self._hot_fields)
+    rec = self._source.get(index, self._hot_fields)
     if n < 0 or int(rec["num_bb"]) != len(rec["conf"]) or n > int(
         rec["num_bb"]):
       n = self._nbb(rec, key)   # not counted at start-up (or inconsistent)
