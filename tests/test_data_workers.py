@@ -134,3 +134,9 @@ def test_worker_count_from_the_host_cores():
       0, 0, 0, 6, 14, 32]
   with pytest.raises(ValueError, match="num_workers"):
     pipeline.Loading(num_workers=-1)
+
+
+def test_run_py_reports_a_worker_error_in_one_line():
+  from uniter_jax import train  # pylint: disable=g-import-not-at-top
+  # run.py prints the errors of RUN_ERRORS as one `error: ...` line, exit 1.
+  assert issubclass(pipeline.WorkerError, train.RUN_ERRORS)
