@@ -114,13 +114,20 @@ class _Parsed(BaseException):
 
 @pytest.fixture(scope="module")
 def run_py():
-  """run.py imported once (its absl flags defined once)."""
+  """run.py imported once (its absl flags defined once), and its flags
+  removed again afterwards: other tests in this process run programs
+  (tfds's command line) whose flags would clash with run.py's `--config`."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  before = set(flags.FLAGS)
   sys.path.insert(0, ROOT)
   spec = importlib.util.spec_from_file_location("run_py_doc_check",
                                                 os.path.join(ROOT, "run.py"))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  return mod
+  yield mod
+  flags.FLAGS.unparse_flags()
+  for name in set(flags.FLAGS) - before:
+    delattr(flags.FLAGS, name)
 
 
 def _check_run_py(run_py, argv, monkeypatch):
