@@ -70,7 +70,6 @@ import msgpack
 import msgpack_numpy
 import numpy as np
 
-msgpack_numpy.patch()
 
 
 def build_synthetic(data_dir: str, n_regions: int, images: int,
@@ -732,6 +731,9 @@ def main():
                  help="run with MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_="
                  f"{MALLOC_TUNED['MALLOC_TRIM_THRESHOLD_']} (both sides)")
   args = p.parse_args()
+  # msgpack with numpy arrays, as the official LMDBs hold them (patched
+  # here, not at import: importing the module changes nothing global).
+  msgpack_numpy.patch()
   bad = set(t for t in args.tasks.split(",") if t) - set(TASK_ROWS)
   if bad:
     p.error(f"--tasks: unknown {sorted(bad)}; choose from {TASK_ROWS}")
