@@ -18,42 +18,15 @@ import argparse
 import dataclasses
 import os
 import sys
-from typing import NoReturn
 
 from data_prep import common
+from uniter_jax import cli
 from uniter_jax.data import schema
 
 
 _SYNTH_INT_FIELDS = ("seed", "num_train_images", "num_val_images",
                      "captions_per_image", "num_classes", "min_regions",
                      "max_regions", "min_objects", "max_objects")
-
-
-class UsageExit(SystemExit):
-  """Exit status 2 after a one-line usage error, as argparse's own.
-
-  `str()` is the message, for callers that run `main` in-process.
-  """
-
-  def __init__(self, message: str):
-    super().__init__(2)
-    self.message = message
-
-  def __str__(self) -> str:
-    return self.message
-
-
-def _usage(what: str, where: str, fix: str) -> NoReturn:
-  line = f"{what} ({where}): {fix}"
-  print(f"error: {line}", file=sys.stderr, flush=True)
-  raise UsageExit(line)
-
-
-class _Parser(argparse.ArgumentParser):
-  """argparse with its usage errors in the one-line form (no usage dump)."""
-
-  def error(self, message: str) -> NoReturn:
-    _usage(message, self.prog, f"see {self.prog} --help")
 
 
 def _default_data_dir() -> str:
@@ -67,15 +40,15 @@ def _split_arg(values: list[str]) -> dict[str, str]:
   for v in values or []:
     split, sep, files = v.partition("=")
     if not sep:
-      _usage(f"--split {v!r} has no '='", "--split",
-             "write NAME=FILE[,FILE], e.g. --split dev=dev.json")
+      cli.usage_error(f"--split {v!r} has no '='", "--split",
+                      "write NAME=FILE[,FILE], e.g. --split dev=dev.json")
     out[split] = files
   return out
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = _Parser(prog="python -m data_prep",
-              description=__doc__.splitlines()[0])
+  p = cli.OneLineParser(prog="python -m data_prep",
+                        description=__doc__.splitlines()[0])
   p.add_argument("--verbose", action="store_true",
                  help="show the traceback of an error")
   sub = p.add_subparsers(dest="source", required=True)
@@ -213,34 +186,35 @@ def _builders(args) -> list:
     over = {f: getattr(args, f) for f in _SYNTH_INT_FIELDS + ("noise",)
             if getattr(args, f) is not None}
     if over and not args.name:
-      _usage(f"synthetic: overriding {sorted(over)} of preset "
-             f"{preset.name!r} without a name", "--name",
-             "give --name NAME for the custom corpus")
+      cli.usage_error(f"synthetic: overriding {sorted(over)} of preset "
+                      f"{preset.name!r} without a name", "--name",
+                      "give --name NAME for the custom corpus")
     if not over and args.name in (None, preset.name):
       cfg = preset   # the built-in config itself (TFDS refuses a copy of it)
     elif args.name in {c.name for c in synthetic.UniterSyntheticImages.
                        BUILDER_CONFIGS}:
-      _usage(f"synthetic: {args.name!r} is a built-in preset's name",
-             "--name", "choose another name for a custom corpus")
+      cli.usage_error(f"synthetic: {args.name!r} is a built-in preset's name",
+                      "--name", "choose another name for a custom corpus")
     else:
       cfg = dataclasses.replace(preset, name=args.name, **over)
       try:
         synthetic._check_config(cfg)  # pylint: disable=protected-access
       except ValueError as e:
-        _usage(f"synthetic: {e}", ", ".join(f"--{k}" for k in sorted(over)),
-               "change those overrides (see docs/data_prep.md)")
+        cli.usage_error(f"synthetic: {e}",
+                        ", ".join(f"--{k}" for k in sorted(over)),
+                        "change those overrides (see docs/data_prep.md)")
     tasks = [t for t in args.tasks.split(",") if t]
     unknown = [t for t in tasks if t not in synthetic_tasks.TASKS]
     if unknown:
-      _usage(f"synthetic: unknown task {','.join(unknown)}", "--tasks",
-             f"name some of {','.join(synthetic_tasks.TASKS)}")
+      cli.usage_error(f"synthetic: unknown task {','.join(unknown)}", "--tasks",
+                      f"name some of {','.join(synthetic_tasks.TASKS)}")
     return [synthetic.UniterSyntheticImages(config=cfg, **kw),
             synthetic.UniterSyntheticText(config=cfg, **kw)] + [
                 synthetic_tasks.BUILDERS[t](config=cfg, **kw) for t in tasks]
   name = args.name
   if name == "default":
-    _usage("'default' is the builders' built-in config", "--name",
-           "choose another name")
+    cli.usage_error("'default' is the builders' built-in config", "--name",
+                    "choose another name")
   if args.source == "img_db":
     return [uniter_db.UniterImgDb(config=uniter_db.ImgDbConfig(
         name=name, img_db=args.img_db, conf_th=args.conf_th,
@@ -358,7 +332,7 @@ def _run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
   """Runs one command; returns the exit status (usage errors raise
-  `UsageExit`, status 2, as argparse's)."""
+  `cli.UsageExit`, status 2, as argparse's)."""
   args = _parser().parse_args(argv)
   try:
     return _run(args)

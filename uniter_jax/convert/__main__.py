@@ -24,6 +24,7 @@ from typing import NoReturn
 
 import numpy as np
 
+from uniter_jax import cli
 from uniter_jax import model as um
 from uniter_jax.convert import core
 
@@ -226,32 +227,10 @@ def _bert_to_uniter(args) -> None:
         f"{os.path.abspath(args.dst)}")
 
 
-class UsageExit(SystemExit):
-  """Exit status 2 after a one-line usage error, as argparse's own.
-
-  `str()` is the message, for callers that run `main` in-process.
-  """
-
-  def __init__(self, message: str):
-    super().__init__(2)
-    self.message = message
-
-  def __str__(self) -> str:
-    return self.message
-
-
-class _Parser(argparse.ArgumentParser):
-  """argparse with its usage errors in the one-line form (no usage dump)."""
-
-  def error(self, message: str) -> NoReturn:
-    line = f"{message} ({self.prog}): see {self.prog} --help"
-    print(f"error: {line}", file=sys.stderr, flush=True)
-    raise UsageExit(line)
-
-
 def _parser() -> argparse.ArgumentParser:
-  p = _Parser(prog="python -m uniter_jax.convert", description=__doc__,
-              formatter_class=argparse.RawTextHelpFormatter)
+  p = cli.OneLineParser(prog="python -m uniter_jax.convert",
+                        description=__doc__,
+                        formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--verbose", action="store_true",
                  help="show the traceback of an error")
   sub = p.add_subparsers(dest="cmd", required=True)
@@ -315,7 +294,7 @@ def _error_lines(e: BaseException) -> list[str]:
 
 def main(argv=None) -> int:
   """Runs one command; returns the exit status (usage errors raise
-  `UsageExit`, status 2, as argparse's)."""
+  `cli.UsageExit`, status 2, as argparse's)."""
   args = _parser().parse_args(argv)
   try:
     args.fn(args)
