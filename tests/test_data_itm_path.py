@@ -11,10 +11,11 @@ own, and the batch is a copy. Both must give the same batches, and those
 of the real ops are pinned to digests made before the change.
 """
 import dataclasses
-import hashlib
 
 import numpy as np
 import pytest
+
+import batch_digest
 
 from uniter_jax.data import ops as ops_lib
 from uniter_jax.data import pipeline
@@ -119,17 +120,6 @@ def test_one_read_per_row_into_the_batch(data_dir, monkeypatch):
   assert negatives > 0
 
 
-def _digest(batches):
-  """One hash over the keys (in order), dtypes, shapes and bytes."""
-  h = hashlib.sha1()
-  for batch in batches:
-    for k, v in batch.items():
-      v = np.ascontiguousarray(v)
-      h.update(f"{k}|{v.dtype.str}|{v.shape}|".encode())
-      h.update(v.tobytes())
-  return h.hexdigest()
-
-
 # Computed with the code before deferred images (the true image read, then
 # replaced by a negative in an array of its own): epoch 0 and the first
 # batch of epoch 1 with the real ITM and MLM ops.
@@ -143,7 +133,7 @@ _PINNED = {
 def test_itm_mlm_batches_are_pinned(data_dir, dtype):
   d = make(data_dir, _itm_mlm(True), img_feat_dtype=dtype)
   steps = range(d.batches_per_epoch + 1)
-  assert _digest([d.load_batch(s) for s in steps]) == _PINNED[dtype]
+  assert batch_digest.digest([d.load_batch(s) for s in steps]) == _PINNED[dtype]
 
 
 @pytest.mark.parametrize("kw", [

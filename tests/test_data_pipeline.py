@@ -1,15 +1,15 @@
 """Tests of uniter_jax.data on small synthetic TFDS datasets built by data_prep."""
 
 import dataclasses
-import hashlib
 
 import numpy as np
 import pytest
 
+import batch_digest
+
 from uniter_jax.data import buckets as bk
 from uniter_jax.data import collate as collate_lib
 from uniter_jax.data import contract
-from uniter_jax.data import ops as ops_lib
 from uniter_jax.data import pipeline
 from uniter_jax.data import schema
 from uniter_jax.data import sources
@@ -631,17 +631,6 @@ def _pin_op(example, rng, ctx):
   return out
 
 
-def _digest(batches):
-  """One hash over the keys (in order), dtypes, shapes and bytes."""
-  h = hashlib.sha1()
-  for batch in batches:
-    for k, v in batch.items():
-      v = np.ascontiguousarray(v)
-      h.update(f"{k}|{v.dtype.str}|{v.shape}|".encode())
-      h.update(v.tobytes())
-  return h.hexdigest()
-
-
 # Computed with the code before the change (same corpus, same configs):
 # epoch 0 and the first batch of epoch 1.
 _PINNED = {
@@ -664,10 +653,10 @@ def test_pretraining_batches_are_pinned(data_dir, name, kw):
                                                "shard_count")}).fingerprint()
   steps = range(d.batches_per_epoch + 1)
   batches = [d.load_batch(s) for s in steps]
-  assert _digest(batches) == _PINNED[name]
+  assert batch_digest.digest(batches) == _PINNED[name]
   # The same through the iterator (grain threads).
   it = d.iterator(num_epochs=2, num_threads=2)
-  assert _digest([next(it) for _ in steps]) == _PINNED[name]
+  assert batch_digest.digest([next(it) for _ in steps]) == _PINNED[name]
 
 
 def test_pretraining_batch_layout(data_dir):
@@ -962,7 +951,7 @@ def test_exact_batches_visit_every_example_once(data_dir):
   assert any((~b["example_mask"]).any() for b in batches)
   # Deterministic (the ops' RNG of epoch 0), in grain's threads or not.
   again = [d.load_exact_batch(j) for j in range(len(batches))]
-  assert _digest(again) == _digest(batches)
+  assert batch_digest.digest(again) == batch_digest.digest(batches)
   # Two hosts: each takes its slice of every batch; together everything.
   hosts = [pipeline.UniterData(data_dir, TEXT, "val", token_budget=1024,
                                batch_multiple=4, shard_index=h, shard_count=2,

@@ -606,11 +606,11 @@ class SharedMemoryPool:
     self.min_bytes = min_bytes
 
   def empty(self, shape, dtype) -> np.ndarray:
-    from grain._src.python.ipc import shared_memory_array  # pylint: disable=g-import-not-at-top
+    from grain import multiprocessing as grain_mp  # pylint: disable=g-import-not-at-top
     dtype = np.dtype(dtype)
     if int(np.prod(shape, dtype=np.int64)) * dtype.itemsize < self.min_bytes:
       return np.empty(shape, dtype)
-    return shared_memory_array.SharedMemoryArray(tuple(shape), dtype)
+    return grain_mp.SharedMemoryArray(tuple(shape), dtype)
 
   def __len__(self) -> int:
     return 0

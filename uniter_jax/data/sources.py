@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
@@ -199,15 +199,12 @@ class RecordReader:
         raise DataError(self.name, index, f"field {key!r} is empty")
     return out
 
-  def _read(self, index: int, fields: tuple[str, ...] | None):
-    return self.decode(self._raw[int(index)], index, fields)
-
   def __getitem__(self, index: int) -> dict[str, Any]:
-    return self._read(index, None)
+    return self.decode(self._raw[int(index)], index)
 
   def get(self, index: int, fields: tuple[str, ...]) -> dict[str, Any]:
     """Only `fields` of record `index` (the others are not decoded)."""
-    return self._read(index, fields)
+    return self.decode(self._raw[int(index)], index, fields)
 
   def iter_fields(self, fields: tuple[str, ...], chunk: int = 512):
     """(index, fields) of every record, read in chunks (start-up scans)."""
@@ -314,8 +311,8 @@ class ImageStore:
     return self._num_bbs if indices is None else self._num_bbs[indices]
 
   def _read_hot(self, index: int):
-    """(stored features, stored norm_bb, regions to use, the decoded record
-    or None) of image record `index`."""
+    """(stored features, stored norm_bb, regions to use, the decoded record)
+    of image record `index`."""
     n = -1 if self._num_bbs is None else int(self._num_bbs[index])
     key = self.keys[index]
     rec = self._source.get(index, self._hot_fields)
@@ -327,7 +324,7 @@ class ImageStore:
   def _soft_labels(self, index: int, rec: dict[str, Any], key: str,
                    n: int) -> np.ndarray:
     if self._soft is None:
-      soft = rec["soft_labels"]   # legacy layout: `rec` is always decoded
+      soft = rec["soft_labels"]   # legacy layout: inside `images`
     else:
       srec = self._soft.get(index, ("img_key", "soft_labels"))
       if srec["img_key"].decode() != key:
