@@ -46,12 +46,19 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
   # pylint: disable=g-import-not-at-top
+  from uniter_jax import supervisor
+  if (config.distributed.enabled and config.distributed.supervise
+      and supervisor.available()):
+    # This process stays small and JAX-free; the run is its child, and a
+    # dead peer ends in one line instead of JAX's native abort.
+    return supervisor.run([sys.executable, *sys.orig_argv[1:]],
+                          os.path.abspath(os.path.expanduser(_WORKDIR.value)))
   from data_prep import prepare
   from uniter_jax import train
   # pylint: enable=g-import-not-at-top
   train.trainer.set_log_levels(_LOG_LEVEL.value)
-  config = _CONFIG.value
   # Every process of a multi-process run calls this; the build lock makes
   # one of them build and the others accept its build.
   prepare.ensure_synthetic(config)

@@ -228,6 +228,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed.coordinator_address = ""
   c.distributed.num_processes = -1
   c.distributed.process_id = -1
+  # run.py runs each process under a small supervisor (Linux) that turns a
+  # dead peer's native abort into one line (uniter_jax/supervisor.py).
+  c.distributed.supervise = True
 
   # --- logging, evaluation, checkpoints ---------------------------------------
   c.log_every_steps = 100

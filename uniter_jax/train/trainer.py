@@ -28,6 +28,7 @@ from uniter_jax import convert
 from uniter_jax import evaluators
 from uniter_jax import model as um
 from uniter_jax import processor as processor_lib
+from uniter_jax import supervisor
 from uniter_jax.train import checkpoint as ckpt_lib
 from uniter_jax.train import input as input_lib
 from uniter_jax.train import metrics as metrics_lib
@@ -176,6 +177,7 @@ def _maybe_init_distributed(config) -> None:
   # not touch the backend before initialize().
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(**kwargs)
+  supervisor.report_process(jax.process_index(), jax.process_count())
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -224,15 +226,7 @@ def _peer_lost_message(err: Exception, workdir: str) -> str:
   who = (f"process {1 - me}" if n == 2 else "another process") + (
       f" (at {peer.group(1)}:{peer.group(2)})" if peer else "")
   first = str(err).strip().splitlines()[0][:160]
-  # Listed by hand, not through an orbax manager: with a peer gone, nothing
-  # that may wait for the other processes can run.
-  ckdir = os.path.join(workdir, "checkpoints")
-  steps = sorted(int(d) for d in (os.listdir(ckdir) if os.path.isdir(ckdir)
-                                  else []) if d.isdigit())
-  last = (f"the last checkpoint is update {steps[-1]} in {ckdir}" if steps
-          else "no checkpoint was written")
-  return (f"process {me} of {n} lost {who}: {first}; {last}; restart every "
-          "process to resume")
+  return supervisor.peer_lost_message(me, n, who, first, workdir)
 
 
 def _run(config, workdir: str, tasks, lock, config_name: str
