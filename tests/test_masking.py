@@ -168,6 +168,22 @@ def test_mrm_deterministic_and_pure():
   np.testing.assert_array_equal(ex["img_feat"], feat)
 
 
+def test_mrc_op_is_mrm_op_without_feature_targets():
+  """MRC / MRC-kl draw the same masks as MRFR (so batches are unchanged
+  but for the feature targets they never read), and the rng ends in the
+  same state."""
+  ex = _example(30, 0)
+  ra, rb = np.random.default_rng(3), np.random.default_rng(3)
+  a, b = masking.mrm_op(ex, ra, CTX), masking.mrc_op(ex, rb, CTX)
+  assert "feat_targets" not in b and "img_soft_labels" not in b
+  assert sorted(b) == sorted(k for k in a
+                             if k not in ("feat_targets", "img_soft_labels"))
+  assert "img_soft_labels" in ex
+  for k in b:
+    np.testing.assert_array_equal(a[k], b[k])
+  assert ra.random() == rb.random()
+
+
 # ------------------------------------------------------------------- ITM ----
 def test_itm_statistics_and_negatives():
   rng = np.random.default_rng(4)
@@ -205,5 +221,5 @@ def test_pretraining_tasks_declare_their_ops():
   ops = {name: tuple(tasks.make_task(name).data_ops().values())
          for name in ("mlm", "mrfr", "mrc", "mrckl", "itm")}
   assert ops == {"mlm": (masking.mlm_op,), "mrfr": (masking.mrm_op,),
-                 "mrc": (masking.mrm_op,), "mrckl": (masking.mrm_op,),
+                 "mrc": (masking.mrc_op,), "mrckl": (masking.mrc_op,),
                  "itm": (masking.itm_op,)}

@@ -122,16 +122,31 @@ def mlm_op(example: Mapping[str, Any], rng: np.random.Generator,
 
 def mrm_op(example: Mapping[str, Any], rng: np.random.Generator,
            ctx: Any) -> Example:
-  """Masks regions for MRFR / MRC / MRC-kl (shared op).
+  """Masks regions for MRFR (and any region objective given both targets).
 
   Adds ``img_masks`` [nb] bool, ``feat_targets`` [nb, D] float32 (original
   features) and, when the example has ``img_soft_labels``, ``label_targets``
   [nb, C] float32; zeroes the masked rows of ``img_feat``.
   """
-  feat = np.asarray(_field(example, "img_feat", "mrm_op"), np.float32)
+  return _mask_regions(example, rng, ctx, "mrm_op", feat_targets=True)
+
+
+def mrc_op(example: Mapping[str, Any], rng: np.random.Generator,
+           ctx: Any) -> Example:
+  """`mrm_op` for MRC / MRC-kl: the same masks (the same draws) and
+  ``label_targets``, but no ``feat_targets`` (their loss reads none; a copy
+  of every example's features would be made for nothing), and
+  ``img_soft_labels`` moves to ``label_targets`` (the batch carries them
+  once)."""
+  return _mask_regions(example, rng, ctx, "mrc_op", feat_targets=False)
+
+
+def _mask_regions(example: Mapping[str, Any], rng: np.random.Generator,
+                  ctx: Any, op: str, feat_targets: bool) -> Example:
+  feat = np.asarray(_field(example, "img_feat", op), np.float32)
   prob = float(_ctx(ctx, "mrm_prob", MRM_PROB))
   if feat.ndim != 2 or feat.shape[0] == 0:
-    raise ValueError("mrm_op: 'img_feat' must be [num_bb >= 1, D], got "
+    raise ValueError(f"{op}: 'img_feat' must be [num_bb >= 1, D], got "
                      f"shape {feat.shape}.")
   nb = feat.shape[0]
   masks = rng.random(nb) < prob
@@ -139,14 +154,19 @@ def mrm_op(example: Mapping[str, Any], rng: np.random.Generator,
     masks[rng.integers(nb)] = True
   out = dict(example)
   out["img_masks"] = masks
-  out["feat_targets"] = feat.copy()
+  if feat_targets:
+    out["feat_targets"] = feat.copy()
   out["img_feat"] = np.where(masks[:, None], np.float32(0), feat)
   if "img_soft_labels" in example:
     soft = np.asarray(example["img_soft_labels"], np.float32)
     if soft.shape[0] != nb:
-      raise ValueError(f"mrm_op: 'img_soft_labels' has {soft.shape[0]} rows "
+      raise ValueError(f"{op}: 'img_soft_labels' has {soft.shape[0]} rows "
                        f"but 'img_feat' has {nb}.")
-    out["label_targets"] = soft.copy()
+    if feat_targets:
+      out["label_targets"] = soft.copy()
+    else:
+      del out["img_soft_labels"]
+      out["label_targets"] = soft
   return out
 
 

@@ -178,9 +178,15 @@ class MRC(_RegionTask):
   out_key = "mrc_logits"
   target_key = "label_targets"
   with_soft_labels = True
-  fields = _fields("img_masks", "feat_targets", "img_soft_labels",
-                   "label_targets", "mrm_positions", "mrm_valid")
+  # Only what the loss reads: the soft labels reach the batch as
+  # `label_targets`; the stored ones and the feature targets would add two
+  # [B, Li, >= 1601] arrays that nothing uses.
+  fields = _fields("img_masks", "label_targets", "mrm_positions",
+                   "mrm_valid")
   masked_metrics = ("mrc_loss", "mrc_acc")
+
+  def data_ops(self):
+    return {self.name: masking.mrc_op}
 
   def region_loss(self, pred, target, valid):
     return losses.mrc_loss(pred, target, valid)
