@@ -414,15 +414,19 @@ class UniterData:
     """Rows of the examples `indices` (repeats allowed) padded to `bucket`."""
     if self.ops:
       arena = None
-      if (self.img_feat_dtype == np.float32
-          and self.text.max_images == 1):
-        # The examples' fp32 features are views of one array: a single large
+      if self.text.max_images == 1 and (
+          self.img_feat_dtype == np.float32
+          or (self.img_feat_dtype == np.float16 and not any(
+              ops_lib.reads_image_arrays(op) for _, op in self.ops))):
+        # The examples' features are views of one array: a single large
         # (huge-page backed) allocation instead of one fresh one per example.
         # Example r's image (its own or an ITM negative) is read straight
         # into row r; with one row per example this array then becomes the
-        # batch's `img_feat` (collate writes only the padding).
+        # batch's `img_feat` (collate writes only the padding). In float16
+        # (a bf16/fp16 model) only when no op reads the arrays (ITM, MLM):
+        # the stored values are copied in as they are, no cast either way.
         arena = self._pool.empty((len(indices), bucket.max_img,
-                                  schema.FEAT_DIM), np.float32)
+                                  schema.FEAT_DIM), self.img_feat_dtype)
       rows = []
       made: dict[int, list[dict[str, Any]]] = {}
       for r, i in enumerate(indices):

@@ -351,7 +351,9 @@ class ImageStore:
     while padding: `collate(..., img_feat_dtype=float32)`).
     `img_feat_out`: a float32 [>= num_bb, 2048] array whose first rows
     receive the fp32 features (the pipeline passes rows of one per-batch
-    arena: one large allocation instead of one per example).
+    arena: one large allocation instead of one per example); or a float16
+    one, which receives the stored values as they are (then `img_feat` is
+    float16 whatever the dtype).
     """
     dtype = (self.img_feat_dtype if img_feat_dtype is None
              else np.dtype(img_feat_dtype))
@@ -372,7 +374,10 @@ class ImageStore:
         found = 1
       else:
         raise DataError(self.name, key, "img_feat holds NaN/inf")
-    if dtype == np.float16:
+    if img_feat_out is not None and img_feat_out.dtype == np.float16:
+      img_feat = img_feat_out[:n]
+      np.copyto(img_feat, feats)
+    elif dtype == np.float16:
       img_feat = feats
     else:
       img_feat = None if img_feat_out is None else img_feat_out[:n]
