@@ -92,6 +92,41 @@ def test_the_coordination_abort_becomes_one_line(tmp_path, fatal, me, lost,
   assert len(lines) == 2, err
 
 
+def test_what_the_child_started_does_not_outlive_it(tmp_path):
+  """An input worker of the child holds its stderr open; after the abort
+  the supervisor still ends at once, and the worker with it."""
+  pidfile = tmp_path / "worker"
+  p = _supervise(tmp_path, f"""
+      import os, subprocess, sys
+      w = subprocess.Popen([sys.executable, "-c",
+                            "import time; time.sleep(120)"])
+      open({str(pidfile)!r}, "w").write(str(w.pid))
+      sys.stderr.write({LEADER_DIED + STACK_DUMP!r}); sys.stderr.flush()
+      os.abort()
+      """)
+  t0 = time.time()
+  _, err = p.communicate(timeout=60)
+  assert time.time() - t0 < 30
+  assert p.returncode == 1, err
+  assert err.splitlines()[-1].startswith("error: this process lost process 0")
+  worker = int(pidfile.read_text())
+  _wait_gone(worker)
+
+
+def _wait_gone(pid):
+  end = time.time() + 10
+  while time.time() < end:
+    try:
+      with open(f"/proc/{pid}/status") as f:
+        if "\nState:\tZ" in f.read():
+          return                      # dead, not yet reaped
+    except FileNotFoundError:
+      return
+    time.sleep(0.05)
+  os.kill(pid, signal.SIGKILL)
+  pytest.fail(f"process {pid} outlived the supervised run")
+
+
 def test_signals_reach_the_child_once_and_a_signal_death_is_named(tmp_path):
   log = tmp_path / "signals"
   p = _supervise(tmp_path, f"""
@@ -138,18 +173,7 @@ def test_killing_the_supervisor_kills_the_child(tmp_path):
   child = int(pidfile.read_text())
   p.kill()
   p.wait(timeout=30)
-  end = time.time() + 10
-  while time.time() < end:
-    try:
-      with open(f"/proc/{child}/status") as f:
-        if "\nState:\tZ" in f.read():
-          break                       # dead, not yet reaped by init
-    except FileNotFoundError:
-      break
-    time.sleep(0.05)
-  else:
-    os.kill(child, signal.SIGKILL)
-    pytest.fail("the child outlived its supervisor")
+  _wait_gone(child)
 
 
 def test_a_dead_coordinator_ends_the_survivor_in_one_line(tmp_path):

@@ -28,7 +28,8 @@ supervisor (`run`), which holds no JAX state:
   child (`PR_SET_PDEATHSIG`), so killing the process a scheduler started
   still ends the run;
 - otherwise the supervisor ends as the child did: its exit code, or the
-  same signal (after one line naming it).
+  same signal (after one line naming it). After a failure, what is left
+  of the child's process group (its input worker processes) is killed.
 
 Only the standard library is used here, so the supervisor costs no JAX
 import and no accelerator. Linux only (`PR_SET_PDEATHSIG`); elsewhere
@@ -43,6 +44,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 
 # Set in the child's environment: the pipe's write end, for report_process.
 CHILD_ENV = "UNITER_JAX_SUPERVISOR_FD"
@@ -139,14 +141,28 @@ def run(cmd: list[str], workdir: str) -> int:
     signal.signal(s, forward)
 
   fatal: list[bytes] = []
-  out = sys.stderr.buffer
-  for line in iter(child.stderr.readline, b""):
-    if fatal or FATAL_MARKER in line:
-      fatal.append(line)     # the abort's own lines and the stack dump
-      continue
-    out.write(line)
-    out.flush()
+
+  def relay():
+    out = sys.stderr.buffer
+    for line in iter(child.stderr.readline, b""):
+      if fatal or FATAL_MARKER in line:
+        fatal.append(line)   # the abort's own lines and the stack dump
+        continue
+      out.write(line)
+      out.flush()
+  relay_thread = threading.Thread(target=relay, daemon=True)
+  relay_thread.start()
   rc = child.wait()
+  # Processes the child started (input workers) share its process group
+  # and its stderr; after a failure, none may outlive it and keep the pipe
+  # open.
+  relay_thread.join(timeout=5)
+  if rc != 0:
+    try:
+      os.killpg(child.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+      pass
+    relay_thread.join(timeout=5)
   with os.fdopen(r, "rb") as f:
     told = (f.read() or b"").split()
   me, count = (int(told[0]), int(told[1])) if len(told) == 2 else (None,
