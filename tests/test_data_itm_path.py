@@ -1,5 +1,5 @@
 """The ITM / MLM path of the input pipeline reads each image once, into the
-batch.
+batch (and the region tasks copy no example's features whole: last test).
 
 `masking.itm_op` and `masking.mlm_op` are marked `ops.no_image_arrays`, so
 the pipeline defers an example's image until the ops are done: an image
@@ -231,3 +231,56 @@ def test_marked_op_making_rows_gets_them_loaded(data_dir):
   assert rows[0]["img_feat"] is rows[3]["img_feat"]
   batch = d.load_batch(0)
   assert batch["img_feat"].shape[0] % 4 == 0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_region_tasks_batches_equal_the_full_copy_path(data_dir, dtype):
+  """MRFR makes masks only and its batch op gathers the targets
+  ([B, P, D]) and zeroes the masked rows; MRC / MRC-kl make no feature
+  targets. Against `mrm_op` (every example's features copied whole, full
+  [B, Li, D] targets): the same masks and features, the gathered targets
+  equal the full ones at `mrm_positions`, and the losses are bitwise
+  equal."""
+  from uniter_jax import tasks  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  for name in ("mrfr", "mrckl"):
+    task = tasks.make_task(name)
+    common = dict(with_soft_labels=task.with_soft_labels,
+                  op_params=task.op_params(), img_feat_dtype=dtype)
+    new = make(data_dir, task.data_ops(), batch_ops=task.batch_ops(),
+               fields=task.batch_fields(), **common)
+    old = make(data_dir, {name: masking.mrm_op},
+               batch_ops=(task.add_positions,), **common)
+    for step in range(new.batches_per_epoch + 1):
+      a, b = new.load_batch(step), old.load_batch(step)
+      for k in a:
+        if k != "mrm_feat_targets":
+          np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+      pos = b["mrm_positions"]
+      if name == "mrfr":
+        assert "feat_targets" not in a
+        np.testing.assert_array_equal(
+            a["mrm_feat_targets"],
+            np.take_along_axis(b["feat_targets"], pos[..., None], axis=1))
+        width = a["mrm_feat_targets"].shape[-1]
+      else:
+        assert not {"feat_targets", "img_soft_labels"} & set(a)
+        width = a["label_targets"].shape[-1]
+      out_key = task.out_key
+      pred = rng.standard_normal(pos.shape + (width,)).astype(np.float32)
+      la, ma = task.loss({out_key: pred}, a)
+      lb, mb = task.loss({out_key: pred}, b)
+      assert np.asarray(la).tobytes() == np.asarray(lb).tobytes()
+      for k in ma:
+        assert np.asarray(ma[k]).tobytes() == np.asarray(mb[k]).tobytes(), k
+    if name == "mrfr" and dtype == "float32":
+      # Made in a worker process (the batch in shared memory): the same.
+      it = new.iterator(num_threads=1, num_workers=1, prefetch=1)
+      try:
+        for step in range(2):
+          got, want = next(it), new.load_batch(step)
+          assert sorted(got) == sorted(want)
+          for k in got:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+      finally:
+        it.close()

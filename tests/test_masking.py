@@ -220,6 +220,6 @@ def test_pretraining_tasks_declare_their_ops():
   from uniter_jax import tasks  # pylint: disable=g-import-not-at-top
   ops = {name: tuple(tasks.make_task(name).data_ops().values())
          for name in ("mlm", "mrfr", "mrc", "mrckl", "itm")}
-  assert ops == {"mlm": (masking.mlm_op,), "mrfr": (masking.mrm_op,),
+  assert ops == {"mlm": (masking.mlm_op,), "mrfr": (masking.mrfr_op,),
                  "mrc": (masking.mrc_op,), "mrckl": (masking.mrc_op,),
                  "itm": (masking.itm_op,)}

@@ -140,6 +140,10 @@ PRETRAIN_FIELDS: tuple[Field, ...] = (
     Field("mlm_valid", np.bool_, "batch", (None,), optional=True),
     Field("mrm_positions", np.int32, "batch", (None,), optional=True),
     Field("mrm_valid", np.bool_, "batch", (None,), optional=True),
+    # MRFR's feature targets gathered at `mrm_positions` ([B, P, D]), made
+    # by its batch op instead of [B, Li, D] `feat_targets`.
+    Field("mrm_feat_targets", np.float32, "batch", (None, schema.FEAT_DIM),
+          optional=True),
 )
 
 DEFAULT_FIELDS: tuple[Field, ...] = BASE_FIELDS + PRETRAIN_FIELDS

@@ -141,17 +141,38 @@ def mrc_op(example: Mapping[str, Any], rng: np.random.Generator,
   return _mask_regions(example, rng, ctx, "mrc_op", feat_targets=False)
 
 
-def _mask_regions(example: Mapping[str, Any], rng: np.random.Generator,
-                  ctx: Any, op: str, feat_targets: bool) -> Example:
-  feat = np.asarray(_field(example, "img_feat", op), np.float32)
-  prob = float(_ctx(ctx, "mrm_prob", MRM_PROB))
-  if feat.ndim != 2 or feat.shape[0] == 0:
+def mrfr_op(example: Mapping[str, Any], rng: np.random.Generator,
+            ctx: Any) -> Example:
+  """MRFR's masks only: ``img_masks`` [nb] bool from the same draws as
+  `mrm_op`; the features are left as they are (in the pipeline, the
+  image's row of the batch). The task's batch op then gathers the masked
+  rows' targets and zeroes those rows in the batch (`tasks.MRFR`), so no
+  example's features are copied whole."""
+  out = dict(example)
+  out["img_masks"] = _draw_region_masks(example, rng, ctx, "mrfr_op")
+  return out
+
+
+def _draw_region_masks(example: Mapping[str, Any], rng: np.random.Generator,
+                       ctx: Any, op: str) -> np.ndarray:
+  feat = _field(example, "img_feat", op)
+  shape = np.shape(feat)
+  if len(shape) != 2 or shape[0] == 0:
     raise ValueError(f"{op}: 'img_feat' must be [num_bb >= 1, D], got "
-                     f"shape {feat.shape}.")
-  nb = feat.shape[0]
+                     f"shape {shape}.")
+  prob = float(_ctx(ctx, "mrm_prob", MRM_PROB))
+  nb = shape[0]
   masks = rng.random(nb) < prob
   if not masks.any():
     masks[rng.integers(nb)] = True
+  return masks
+
+
+def _mask_regions(example: Mapping[str, Any], rng: np.random.Generator,
+                  ctx: Any, op: str, feat_targets: bool) -> Example:
+  masks = _draw_region_masks(example, rng, ctx, op)
+  feat = np.asarray(example["img_feat"], np.float32)
+  nb = feat.shape[0]
   out = dict(example)
   out["img_masks"] = masks
   if feat_targets:

@@ -143,8 +143,11 @@ class _RegionTask(PretrainTask):
     pos, valid, dropped = losses.select(batch, self.name, "img_masks", masks,
                                         "mrm_positions", "mrm_valid",
                                         pred.shape[1])
-    target = losses.take_rows(losses.get(batch, self.target_key, self.name),
-                              pos)
+    gathered = "mrm_" + self.target_key   # already at mrm_positions
+    target = (jnp.asarray(batch[gathered]) if gathered in batch and
+              pos is not None else
+              losses.take_rows(losses.get(batch, self.target_key, self.name),
+                               pos))
     metrics = {"n_masked": losses.count(valid),
                f"{self.name}_dropped": dropped}
     loss, acc = self.region_loss(pred, target, valid)
@@ -162,8 +165,32 @@ class MRFR(_RegionTask):
   head_output = "mrfr"
   out_key = "mrfr_pred"
   target_key = "feat_targets"
-  fields = _fields("img_masks", "feat_targets", "mrm_positions", "mrm_valid")
+  # The targets come gathered (`mrm_feat_targets` [B, P, D], the masked
+  # rows only, as the official loader's), not as a [B, Li, D] copy of the
+  # features.
+  fields = _fields("img_masks", "mrm_feat_targets", "mrm_positions",
+                   "mrm_valid")
   masked_metrics = ("mrfr_loss",)
+
+  def data_ops(self):
+    return {self.name: masking.mrfr_op}
+
+  def batch_ops(self):
+    return (self.add_positions, self.gather_targets)
+
+  def gather_targets(self, batch: dict) -> dict:
+    """`mrm_feat_targets` [B, P, D] float32: the original features at
+    `mrm_positions`; then the masked rows of `img_feat` are zeroed, in the
+    batch itself (the values `mrm_op` gives, without a copy per example)."""
+    out = dict(batch)
+    # A plain ndarray view: the batch may live in shared memory (an input
+    # worker's pool), and a gather from that array type would claim to.
+    feat = np.asarray(batch["img_feat"])
+    rows = np.arange(feat.shape[0])[:, None]
+    out["mrm_feat_targets"] = feat[rows, batch["mrm_positions"]].astype(
+        np.float32)
+    feat[np.asarray(batch["img_masks"], bool)] = 0
+    return out
 
   def region_loss(self, pred, target, valid):
     return losses.mrfr_loss(pred, target, valid), None
