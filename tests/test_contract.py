@@ -52,9 +52,11 @@ def test_default_table_matches_the_collate_of_before():
       assert f.pad == pad, name
   assert table["targets"].kind == "row"
   assert table["targets"].dtype == np.dtype(np.int32)
+  # Since: MRC's masked-region soft labels, one [P, C] array per row.
+  assert table["mrm_label_targets"].kind == "row"
   assert collate_lib.KNOWN_FIELDS == (
       set(before_text) | set(before_img)
-      | {"targets", "example_mask", "example_index"})
+      | {"targets", "example_mask", "example_index", "mrm_label_targets"})
   required = {n for n, f in table.items() if not f.optional}
   assert required == {"input_ids", "img_feat", "img_pos_feat", "position_ids",
                       "attn_masks", "txt_lens", "num_bbs"}

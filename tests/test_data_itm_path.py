@@ -236,11 +236,11 @@ def test_marked_op_making_rows_gets_them_loaded(data_dir):
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_region_tasks_batches_equal_the_full_copy_path(data_dir, dtype):
   """MRFR makes masks only and its batch op gathers the targets
-  ([B, P, D]) and zeroes the masked rows; MRC / MRC-kl make no feature
-  targets. Against `mrm_op` (every example's features copied whole, full
-  [B, Li, D] targets): the same masks and features, the gathered targets
-  equal the full ones at `mrm_positions`, and the losses are bitwise
-  equal."""
+  ([B, P, D]) and zeroes the masked rows; MRC / MRC-kl's op gathers the
+  masked regions' soft labels ([P, C] per row). Against `mrm_op` (every
+  example's features copied whole, full [B, Li, D] targets): the same
+  masks and features, the gathered targets equal the full ones at
+  `mrm_positions`, and the losses are bitwise equal."""
   from uniter_jax import tasks  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   for name in ("mrfr", "mrckl"):
@@ -253,19 +253,17 @@ def test_region_tasks_batches_equal_the_full_copy_path(data_dir, dtype):
                batch_ops=(task.add_positions,), **common)
     for step in range(new.batches_per_epoch + 1):
       a, b = new.load_batch(step), old.load_batch(step)
+      gathered = {"mrfr": "mrm_feat_targets",
+                  "mrckl": "mrm_label_targets"}[name]
       for k in a:
-        if k != "mrm_feat_targets":
+        if k != gathered:
           np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+      assert not {"feat_targets", "label_targets", "img_soft_labels"} & set(a)
       pos = b["mrm_positions"]
-      if name == "mrfr":
-        assert "feat_targets" not in a
-        np.testing.assert_array_equal(
-            a["mrm_feat_targets"],
-            np.take_along_axis(b["feat_targets"], pos[..., None], axis=1))
-        width = a["mrm_feat_targets"].shape[-1]
-      else:
-        assert not {"feat_targets", "img_soft_labels"} & set(a)
-        width = a["label_targets"].shape[-1]
+      full = b[gathered[len("mrm_"):]]
+      np.testing.assert_array_equal(
+          a[gathered], np.take_along_axis(full, pos[..., None], axis=1))
+      width = a[gathered].shape[-1]
       out_key = task.out_key
       pred = rng.standard_normal(pos.shape + (width,)).astype(np.float32)
       la, ma = task.loss({out_key: pred}, a)
@@ -273,7 +271,7 @@ def test_region_tasks_batches_equal_the_full_copy_path(data_dir, dtype):
       assert np.asarray(la).tobytes() == np.asarray(lb).tobytes()
       for k in ma:
         assert np.asarray(ma[k]).tobytes() == np.asarray(mb[k]).tobytes(), k
-    if name == "mrfr" and dtype == "float32":
+    if dtype == "float32":
       # Made in a worker process (the batch in shared memory): the same.
       it = new.iterator(num_threads=1, num_workers=1, prefetch=1)
       try:

@@ -168,20 +168,33 @@ def test_mrm_deterministic_and_pure():
   np.testing.assert_array_equal(ex["img_feat"], feat)
 
 
-def test_mrc_op_is_mrm_op_without_feature_targets():
-  """MRC / MRC-kl draw the same masks as MRFR (so batches are unchanged
-  but for the feature targets they never read), and the rng ends in the
-  same state."""
+@pytest.mark.parametrize("slots", [12, 40])
+def test_region_ops_draw_mrm_ops_masks_and_gather_its_targets(slots):
+  """`mrfr_op` and `mrc_op` draw the same masks as `mrm_op` (the rng ends
+  in the same state) and leave the features as read; `mrc_op`'s
+  `mrm_label_targets` are `mrm_op`'s full soft labels, padded to the
+  bucket's region slots, at the masked positions (zeros past the
+  regions)."""
+  from uniter_jax.tasks import losses  # pylint: disable=g-import-not-at-top
   ex = _example(30, 0)
-  ra, rb = np.random.default_rng(3), np.random.default_rng(3)
-  a, b = masking.mrm_op(ex, ra, CTX), masking.mrc_op(ex, rb, CTX)
-  assert "feat_targets" not in b and "img_soft_labels" not in b
-  assert sorted(b) == sorted(k for k in a
-                             if k not in ("feat_targets", "img_soft_labels"))
-  assert "img_soft_labels" in ex
-  for k in b:
-    np.testing.assert_array_equal(a[k], b[k])
-  assert ra.random() == rb.random()
+  nb = ex["img_feat"].shape[0]
+  ctx = {**CTX, "max_img": slots}
+  rngs = [np.random.default_rng(3) for _ in range(3)]
+  full = masking.mrm_op(ex, rngs[0], ctx)
+  mrfr = masking.mrfr_op(ex, rngs[1], ctx)
+  mrc = masking.mrc_op(ex, rngs[2], ctx)
+  assert len({r.random() for r in rngs}) == 1
+  for out in (mrfr, mrc):
+    np.testing.assert_array_equal(out["img_masks"], full["img_masks"])
+    assert out["img_feat"] is ex["img_feat"]
+    assert "feat_targets" not in out and "label_targets" not in out
+  assert "img_soft_labels" not in mrc and "img_soft_labels" in ex
+  padded = np.zeros((slots,) + full["label_targets"].shape[1:], np.float32)
+  padded[:nb] = full["label_targets"]
+  row = np.zeros(slots, bool)
+  row[:nb] = full["img_masks"]
+  pos, _ = losses.masked_positions(row[None], losses.max_masked_count(slots))
+  np.testing.assert_array_equal(mrc["mrm_label_targets"], padded[pos[0]])
 
 
 # ------------------------------------------------------------------- ITM ----

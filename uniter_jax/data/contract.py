@@ -144,6 +144,10 @@ PRETRAIN_FIELDS: tuple[Field, ...] = (
     # by its batch op instead of [B, Li, D] `feat_targets`.
     Field("mrm_feat_targets", np.float32, "batch", (None, schema.FEAT_DIM),
           optional=True),
+    # MRC's soft-label targets in the same layout ([B, P, C]), made per
+    # row by its op instead of [B, Li, C] `label_targets`.
+    Field("mrm_label_targets", np.float32, "row", (None, schema.NUM_LABELS),
+          optional=True),
 )
 
 DEFAULT_FIELDS: tuple[Field, ...] = BASE_FIELDS + PRETRAIN_FIELDS

@@ -128,17 +128,42 @@ def mrm_op(example: Mapping[str, Any], rng: np.random.Generator,
   features) and, when the example has ``img_soft_labels``, ``label_targets``
   [nb, C] float32; zeroes the masked rows of ``img_feat``.
   """
-  return _mask_regions(example, rng, ctx, "mrm_op", feat_targets=True)
+  return _mask_regions(example, rng, ctx, "mrm_op")
 
 
 def mrc_op(example: Mapping[str, Any], rng: np.random.Generator,
            ctx: Any) -> Example:
-  """`mrm_op` for MRC / MRC-kl: the same masks (the same draws) and
-  ``label_targets``, but no ``feat_targets`` (their loss reads none; a copy
-  of every example's features would be made for nothing), and
-  ``img_soft_labels`` moves to ``label_targets`` (the batch carries them
-  once)."""
-  return _mask_regions(example, rng, ctx, "mrc_op", feat_targets=False)
+  """MRC / MRC-kl: ``img_masks`` from the same draws as `mrm_op`, and the
+  soft labels of the masked regions only, already in the batch's gathered
+  layout: ``mrm_label_targets`` [P, C] float32, row j the label of the
+  region at the row's j-th `mrm_positions` slot (P from the bucket's region
+  slots, `ctx.max_img`, as the task's batch op sizes it; a slot past the
+  regions gets zeros, as the padded full layout would give). The features
+  are left as they are; the task's batch op zeroes the masked rows in the
+  batch. ``img_soft_labels`` is dropped: the batch carries no
+  [B, Li, 1601] label array (the official loader keeps only the masked
+  rows' labels too)."""
+  # pylint: disable=g-import-not-at-top
+  from uniter_jax.tasks import losses   # jax; not needed by the other ops
+  masks = _draw_region_masks(example, rng, ctx, "mrc_op")
+  soft = np.asarray(_field(example, "img_soft_labels", "mrc_op"))
+  nb = masks.shape[0]
+  if soft.ndim != 2 or soft.shape[0] != nb:
+    raise ValueError(f"mrc_op: 'img_soft_labels' has shape {soft.shape}; "
+                     f"expected ({nb}, C) for the {nb} regions.")
+  li = int(_ctx(ctx, "max_img"))
+  slots = losses.max_masked_count(li, float(_ctx(ctx, "mrm_prob", MRM_PROB)))
+  row = np.zeros(li, bool)
+  row[:nb] = masks
+  pos = losses.masked_positions(row[None], slots)[0][0]
+  targets = np.zeros((slots, soft.shape[1]), np.float32)
+  real = pos < nb
+  targets[real] = soft[pos[real]]
+  out = dict(example)
+  del out["img_soft_labels"]
+  out["img_masks"] = masks
+  out["mrm_label_targets"] = targets
+  return out
 
 
 def mrfr_op(example: Mapping[str, Any], rng: np.random.Generator,
@@ -169,25 +194,20 @@ def _draw_region_masks(example: Mapping[str, Any], rng: np.random.Generator,
 
 
 def _mask_regions(example: Mapping[str, Any], rng: np.random.Generator,
-                  ctx: Any, op: str, feat_targets: bool) -> Example:
+                  ctx: Any, op: str) -> Example:
   masks = _draw_region_masks(example, rng, ctx, op)
   feat = np.asarray(example["img_feat"], np.float32)
   nb = feat.shape[0]
   out = dict(example)
   out["img_masks"] = masks
-  if feat_targets:
-    out["feat_targets"] = feat.copy()
+  out["feat_targets"] = feat.copy()
   out["img_feat"] = np.where(masks[:, None], np.float32(0), feat)
   if "img_soft_labels" in example:
     soft = np.asarray(example["img_soft_labels"], np.float32)
     if soft.shape[0] != nb:
       raise ValueError(f"{op}: 'img_soft_labels' has {soft.shape[0]} rows "
                        f"but 'img_feat' has {nb}.")
-    if feat_targets:
-      out["label_targets"] = soft.copy()
-    else:
-      del out["img_soft_labels"]
-      out["label_targets"] = soft
+    out["label_targets"] = soft.copy()
   return out
 
 

@@ -157,6 +157,13 @@ class _RegionTask(PretrainTask):
     return loss, metrics
 
 
+def zero_masked_regions(batch: dict) -> dict:
+  """Zeroes the masked rows of the batch's `img_feat`, in place (the
+  region tasks' ops leave the features as read, in the batch's rows)."""
+  np.asarray(batch["img_feat"])[np.asarray(batch["img_masks"], bool)] = 0
+  return batch
+
+
 @register_task
 class MRFR(_RegionTask):
   """Masked region feature regression (L2 to the original features)."""
@@ -189,8 +196,7 @@ class MRFR(_RegionTask):
     rows = np.arange(feat.shape[0])[:, None]
     out["mrm_feat_targets"] = feat[rows, batch["mrm_positions"]].astype(
         np.float32)
-    feat[np.asarray(batch["img_masks"], bool)] = 0
-    return out
+    return zero_masked_regions(out)
 
   def region_loss(self, pred, target, valid):
     return losses.mrfr_loss(pred, target, valid), None
@@ -205,15 +211,17 @@ class MRC(_RegionTask):
   out_key = "mrc_logits"
   target_key = "label_targets"
   with_soft_labels = True
-  # Only what the loss reads: the soft labels reach the batch as
-  # `label_targets`; the stored ones and the feature targets would add two
-  # [B, Li, >= 1601] arrays that nothing uses.
-  fields = _fields("img_masks", "label_targets", "mrm_positions",
+  # Only what the loss reads: the masked regions' soft labels, gathered
+  # (`mrm_label_targets` [B, P, 1601]); no [B, Li, >= 1601] arrays.
+  fields = _fields("img_masks", "mrm_label_targets", "mrm_positions",
                    "mrm_valid")
   masked_metrics = ("mrc_loss", "mrc_acc")
 
   def data_ops(self):
     return {self.name: masking.mrc_op}
+
+  def batch_ops(self):
+    return (self.add_positions, zero_masked_regions)
 
   def region_loss(self, pred, target, valid):
     return losses.mrc_loss(pred, target, valid)
