@@ -22,8 +22,12 @@ Semantics follow the official data/mlm.py, data/mrm.py and data/itm.py:
   the original id at selected positions and -1 elsewhere.
 * MRM: every region is masked with probability ``mrm_prob``; if none is, one
   uniformly chosen region is. Masked features are zeroed (the model adds the
-  mask embedding); ``feat_targets`` keeps the original float32 features and
-  ``label_targets`` the detector soft labels.
+  mask embedding). ``mrm_op`` does it all per example, with whole
+  ``feat_targets`` (the original float32 features) and ``label_targets``
+  (the detector soft labels). The built-in tasks use ``mrfr_op`` and
+  ``mrc_op``: the same draws, the targets only at the masked positions
+  (as the official loader's), and the zeroing left to the task's batch op,
+  so no example's features are copied whole.
 * ITM: with probability ``itm_neg_prob`` the image is replaced by
   ``ctx.sample_image(rng, exclude_key=example['img_key'])`` (target 0),
   otherwise kept (target 1).
@@ -42,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from uniter_jax.data import ops as ops_lib
+from uniter_jax.tasks import losses
 
 Example = dict[str, Any]
 
@@ -122,7 +127,8 @@ def mlm_op(example: Mapping[str, Any], rng: np.random.Generator,
 
 def mrm_op(example: Mapping[str, Any], rng: np.random.Generator,
            ctx: Any) -> Example:
-  """Masks regions for MRFR (and any region objective given both targets).
+  """Masks regions with whole targets (for a custom region task; the
+  built-in ones use `mrfr_op` / `mrc_op`).
 
   Adds ``img_masks`` [nb] bool, ``feat_targets`` [nb, D] float32 (original
   features) and, when the example has ``img_soft_labels``, ``label_targets``
@@ -143,8 +149,6 @@ def mrc_op(example: Mapping[str, Any], rng: np.random.Generator,
   batch. ``img_soft_labels`` is dropped: the batch carries no
   [B, Li, 1601] label array (the official loader keeps only the masked
   rows' labels too)."""
-  # pylint: disable=g-import-not-at-top
-  from uniter_jax.tasks import losses   # jax; not needed by the other ops
   masks = _draw_region_masks(example, rng, ctx, "mrc_op")
   soft = np.asarray(_field(example, "img_soft_labels", "mrc_op"))
   nb = masks.shape[0]
