@@ -151,6 +151,21 @@ def test_fused_attention_refuses_attention_dropout_in_training():
               rngs={"dropout": jax.random.key(0)})
 
 
+def test_cudnn_attention_names_what_it_needs():
+  # cuDNN's fused attention runs on NVIDIA GPUs in bf16/fp16 only; elsewhere
+  # the model says so, naming the field, instead of JAX's bare error.
+  fcfg = um.config.tiny()
+  fcfg.attention_impl = "cudnn"
+  um.config.validate(fcfg)
+  net = um.build_model("vqa", fcfg)
+  batch, _, _ = _batch(net.cfg, 2)
+  # (tiny() computes in float32: on a GPU the dtype rule is what fails.)
+  need = ("computes in bfloat16 or float16" if jax.default_backend() == "gpu"
+          else f"needs an NVIDIA GPU.*'{jax.default_backend()}'")
+  with pytest.raises(ValueError, match="attention_impl='cudnn' " + need):
+    um.init_params(net, jax.random.key(0))
+
+
 def test_padding_does_not_change_valid_outputs():
   cfg = um.config.tiny()
   net = um.build_model("pretrain", cfg)

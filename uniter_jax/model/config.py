@@ -37,7 +37,7 @@ IMG_LABEL_DIM = 1601
 VCR_NUM_SPECIAL_TOKENS = 81
 
 REMAT_POLICIES = ("none", "minimal", "save_qkv_proj", "full")
-ATTENTION_IMPLS = ("explicit", "fused")
+ATTENTION_IMPLS = ("explicit", "fused", "cudnn")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -64,7 +64,9 @@ def _common(**arch: Any) -> ml_collections.ConfigDict:
   # probabilities, as the official model trains. "fused":
   # jax.nn.dot_product_attention (fused kernels on GPU); it has no
   # attention-probability dropout, so it requires that rate to be 0 when
-  # training (deterministic=False).
+  # training (deterministic=False). "cudnn": the same call with
+  # implementation="cudnn" (cuDNN's fused attention; NVIDIA GPUs, bfloat16
+  # or float16 compute only), under the same dropout rule.
   cfg.attention_impl = "explicit"
   return cfg
 

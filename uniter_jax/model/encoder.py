@@ -168,6 +168,19 @@ class ImageEmbeddings(nn.Module):
     return nn.unbox(self.img_linear.variables["params"]["kernel"])
 
 
+def _check_cudnn(dtype) -> None:
+  """attention_impl='cudnn' runs only where cuDNN's fused attention does."""
+  backend = jax.default_backend()
+  if backend != "gpu":
+    raise ValueError(f"attention_impl='cudnn' needs an NVIDIA GPU (cuDNN); "
+                     f"this run's backend is {backend!r}: use 'fused' or "
+                     "'explicit'")
+  if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+    raise ValueError(f"attention_impl='cudnn' computes in bfloat16 or "
+                     f"float16 only; the model's dtype gives {jnp.dtype(dtype)}"
+                     ": set dtype='bfloat16' or use 'fused'")
+
+
 class SelfAttention(nn.Module):
   """`BertSelfAttention` (query/key/value projections and attention)."""
   cfg: Any
@@ -188,15 +201,19 @@ class SelfAttention(nn.Module):
     q = constrain(q, ("act_batch", "act_length", "act_heads", "act_kv"))
     k = constrain(k, ("act_batch", "act_length", "act_heads", "act_kv"))
     v = constrain(v, ("act_batch", "act_length", "act_heads", "act_kv"))
-    if cfg.attention_impl == "fused":
+    if cfg.attention_impl in ("fused", "cudnn"):
       if not deterministic and cfg.attention_probs_dropout_prob > 0:
         raise ValueError(
-            "attention_impl='fused' has no attention-probability dropout; "
-            "set attention_probs_dropout_prob=0 or use attention_impl="
-            "'explicit' for training")
+            f"attention_impl={cfg.attention_impl!r} has no "
+            "attention-probability dropout; set attention_probs_dropout_prob"
+            "=0 or use attention_impl='explicit' for training")
+      impl = None
+      if cfg.attention_impl == "cudnn":
+        _check_cudnn(q.dtype)
+        impl = "cudnn"
       ctx = jax.nn.dot_product_attention(
           q, k, v, mask=mask[:, None, None, :].astype(bool),
-          scale=1.0 / math.sqrt(d_head))
+          scale=1.0 / math.sqrt(d_head), implementation=impl)
     else:
       scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d_head)
       add = (1.0 - mask[:, None, None, :].astype(scores.dtype)) * MASK_VALUE
