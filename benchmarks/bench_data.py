@@ -31,6 +31,11 @@ Prints, for images with 36 and with 100 regions:
     `import_official`). The official ITM row counts its batches; its
     per-epoch `new_epoch` (a text read per example) is timed on its own
     and printed as a second ratio.
+  * the floor of those rows: per example, what any loader reading through
+    the array_record library and protobuf must do at the least (read the
+    image record; parse it; write its row of the batch, fp32 or fp16), timed
+    in the same round-robin, and the most ours / official could reach with
+    nothing else on our side (official per-example time / floor).
 
 `--malloc_tuned` runs the whole benchmark (both sides, one process) with
 glibc's `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2**30` (no fresh mmap for
@@ -562,8 +567,7 @@ def bench_regions(tmp: str, n_regions: int, args) -> dict:
   data = datas["pipeline"]
   n_ex = sum(len(data.global_batch(s)[1]) for s in steps)
   sp = data.text.special
-  ids = [data.text._source[int(r)]["id"].decode()  # pylint: disable=protected-access
-         for r in data.text.records]
+  ids = [data.text.record_id(i) for i in range(len(data.text))]
   name2nbb = {k: n_regions for k in data.store.keys}
   batches = [[ids[i] for i in data.global_batch(s)[1]] for s in steps]
   readers = []
@@ -639,6 +643,7 @@ def bench_tasks(tmp: str, n_regions: int, args, official=None) -> dict:
     fns["official_itm_new_epoch"] = loader.itm_new_epoch
   if "mlm" in names:
     fns["official_mlm"] = lambda: _drain(loader.mlm_batch(b) for b in batches)
+  fns.update(floor_fns(data, tmp, steps))
   try:
     times = timed(fns, args.reps)
   finally:
@@ -649,6 +654,78 @@ def bench_tasks(tmp: str, n_regions: int, args, official=None) -> dict:
     res[f"{label}_ex_per_cpu_s"] = n_ex / cpu
     res[f"{label}_ex_per_wall_s"] = n_ex / wall
   return res
+
+
+# What a loader reading through the array_record library and protobuf (the
+# reading that issue 14's item 2 keeps) must do per example at the least.
+FLOOR_ROWS = ("floor_read", "floor_parse", "floor_fp32", "floor_fp16")
+
+
+def floor_fns(data, data_dir: str, steps) -> dict:
+  """Timed callables over the same batch compositions as the task rows:
+  per example, its image record read through the array_record library
+  (`floor_read`, the TFDS data source's raw bytes); read and parsed with
+  protobuf (`floor_parse`, the store's fields); read, parsed and written
+  into its row of a reused batch buffer as `ImageStore.load` does for the
+  pipeline (`floor_fp32`: the exact fp16 -> fp32 cast; `floor_fp16`: the
+  stored values copied). Nothing else: no text, ops, collation."""
+  from uniter_jax.data import schema, sources  # pylint: disable=g-import-not-at-top
+  store = data.store
+  reader = sources.RecordReader(data_dir, store.name, schema.IMAGE_SPLIT,
+                                schema.IMAGE_ARRAYS)
+  raw = reader.tfds_source.data_source
+  fields = ("features", "norm_bb", "conf", "num_bb")
+  batches = []
+  for s in steps:
+    bucket, rows = data.global_batch(s)
+    batches.append([int(data.text.img_index[int(i)]) for i in rows])
+  rows_max = max(len(b) for b in batches)
+  max_img = max(data.global_batch(s)[0].max_img for s in steps)
+  arenas = {dt: np.empty((rows_max, max_img, 2048), dt)
+            for dt in (np.float32, np.float16)}
+  for a in arenas.values():
+    a.fill(0)   # pages mapped once, as the pipeline's pooled buffers
+
+  def read():
+    for b in batches:
+      for img in b:
+        raw[img]
+
+  def parse():
+    for b in batches:
+      for img in b:
+        reader.get(img, fields)
+
+  def load(dtype):
+    arena = arenas[dtype]
+    for b in batches:
+      for r, img in enumerate(b):
+        store.load(img, img_feat_out=arena[r])
+
+  return {"floor_read": read, "floor_parse": parse,
+          "floor_fp32": lambda: load(np.float32),
+          "floor_fp16": lambda: load(np.float16)}
+
+
+def print_floor(r: dict) -> None:
+  """The floor rows in microseconds per example, and what they leave."""
+  n = r["regions"]
+  us = {k: 1e6 / r[f"{k}_ex_per_cpu_s"] for k in FLOOR_ROWS
+        if f"{k}_ex_per_cpu_s" in r}
+  if len(us) < len(FLOOR_ROWS):
+    return
+  print(f"  regions={n} floor per example through array_record + protobuf "
+        f"(CPU us): read {us['floor_read']:.0f}, read+parse "
+        f"{us['floor_parse']:.0f}, + fp32 row {us['floor_fp32']:.0f}, "
+        f"+ fp16 row {us['floor_fp16']:.0f}", flush=True)
+  for t in TASK_ROWS:
+    if f"official_{t}_ex_per_cpu_s" not in r:
+      continue
+    off = 1e6 / r[f"official_{t}_ex_per_cpu_s"]
+    print(f"  regions={n} {t}: the official loader takes {off:.0f} us per "
+          f"example; with nothing but the floor on our side, ours/official "
+          f"could reach at most {off / us['floor_fp32']:.2f}x (fp32 batches)"
+          f", {off / us['floor_fp16']:.2f}x (fp16)", flush=True)
 
 
 def print_task_ratios(r: dict) -> None:
@@ -786,6 +863,7 @@ def main():
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
                           for k, v in t.items()}))
         print_task_ratios(t)
+        print_floor(t)
   for row in ([] if args.no_padding_table else
               realistic_padding(args.token_budget)):
     print(json.dumps(row))

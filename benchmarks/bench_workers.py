@@ -16,6 +16,13 @@ measured mean bucket shape of each task) give the tokens/s an H100 trains at
 50% of 989 TFLOP/s, the mean padded tokens per example turn that into
 examples/s, and examples/s per worker core (the 1-worker column) into cores.
 
+Then the most any record reader could gain over the array_record library
+and protobuf: the mean CPU time per example of reading and parsing its
+records (image, and soft labels for MRC-kl) over the mix, R, against the
+mix's time per example per worker core, T: a reader costing nothing would
+make the mix at most T / (T - R) faster (the bar for keeping a hand-written
+reader was 1.5x).
+
 Wall time on a machine with nothing else running: worker processes use
 other cores, so this process's CPU time does not count them.
 
@@ -103,6 +110,35 @@ def rate(data, workers: int, batches: int) -> tuple[float, dict]:
   return n / dt, {"lt": lt / n, "li": li / n, "slots": slots / n}
 
 
+def library_read_us(data, data_dir: str, sample: int = 400) -> float:
+  """Mean CPU microseconds per example of reading and parsing its records
+  through the array_record library and protobuf, as the pipeline does:
+  the image record (the fields `ImageStore` reads) and, for a task with
+  soft labels, the soft-label record; over the first `sample` examples in
+  a shuffled order, after one untimed pass."""
+  from uniter_jax.data import schema, sources  # pylint: disable=g-import-not-at-top
+  store = data.store
+  readers = [(sources.RecordReader(data_dir, store.name, schema.IMAGE_SPLIT,
+                                   schema.IMAGE_ARRAYS),
+              ("features", "norm_bb", "conf", "num_bb"))]
+  if store.with_soft_labels:
+    readers.append((sources.RecordReader(
+        data_dir, store.name, schema.SOFT_LABEL_SPLIT, schema.IMAGE_ARRAYS),
+                    ("img_key", "soft_labels")))
+  rng = np.random.default_rng(0)
+  imgs = rng.permutation(np.asarray(data.text.img_index))[:sample]
+
+  def one_pass():
+    for img in imgs:
+      for reader, fields in readers:
+        reader.get(int(img), fields)
+
+  one_pass()
+  t0 = time.process_time()
+  one_pass()
+  return (time.process_time() - t0) / len(imgs) * 1e6
+
+
 def mix_rate(rates: dict[str, float]) -> float:
   """Examples/s of the mix: updates drawn by MIX, equal-budget batches."""
   total = sum(MIX.values())
@@ -169,6 +205,18 @@ def report(args):
       print(f"  {'mix':<6} " + " ".join(f"{mixed[w]:>11.0f}" for w in counts)
             + f"   {ratio:.2f}x")
       per_core = mixed[1] if 1 in mixed else mixed[counts[-1]]
+      # Issue 14, item 2: a hand-written reader is kept only if the whole
+      # pipeline with workers is >= 1.5x faster with it. Reading through
+      # the library bounds what any reader could gain: were reading free,
+      # the mix per worker core would be at most T / (T - R) faster.
+      total = sum(MIX.values())
+      read = sum(MIX[t] / total * library_read_us(d, tmp)
+                 for t, d in data.items())
+      per_ex = 1e6 / per_core
+      print(f"  reading through array_record + protobuf: {read:.0f} us of "
+            f"the mix's {per_ex:.0f} us per example per worker core; a "
+            f"reader costing nothing would make the mix at most "
+            f"{per_ex / max(per_ex - read, 1e-9):.2f}x faster", flush=True)
       ex_s, tok = h100_examples_per_s(shape)
       print(f"  one H100 at {MFU:.0%} MFU trains ~{ex_s:,.0f} examples/s "
             f"(~{tok:.0f} padded tokens each); at {per_core:,.0f} examples/s "
