@@ -674,13 +674,12 @@ def floor_fns(data, data_dir: str, steps) -> dict:
   reader = sources.RecordReader(data_dir, store.name, schema.IMAGE_SPLIT,
                                 schema.IMAGE_ARRAYS)
   raw = reader.tfds_source.data_source
-  fields = ("features", "norm_bb", "conf", "num_bb")
-  batches = []
+  batches, max_img = [], 0
   for s in steps:
     bucket, rows = data.global_batch(s)
     batches.append([int(data.text.img_index[int(i)]) for i in rows])
+    max_img = max(max_img, bucket.max_img)
   rows_max = max(len(b) for b in batches)
-  max_img = max(data.global_batch(s)[0].max_img for s in steps)
   arenas = {dt: np.empty((rows_max, max_img, 2048), dt)
             for dt in (np.float32, np.float16)}
   for a in arenas.values():
@@ -694,7 +693,7 @@ def floor_fns(data, data_dir: str, steps) -> dict:
   def parse():
     for b in batches:
       for img in b:
-        reader.get(img, fields)
+        reader.get(img, sources.IMAGE_HOT_FIELDS)
 
   def load(dtype):
     arena = arenas[dtype]

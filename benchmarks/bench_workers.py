@@ -120,7 +120,7 @@ def library_read_us(data, data_dir: str, sample: int = 400) -> float:
   store = data.store
   readers = [(sources.RecordReader(data_dir, store.name, schema.IMAGE_SPLIT,
                                    schema.IMAGE_ARRAYS),
-              ("features", "norm_bb", "conf", "num_bb"))]
+              sources.IMAGE_HOT_FIELDS)]
   if store.with_soft_labels:
     readers.append((sources.RecordReader(
         data_dir, store.name, schema.SOFT_LABEL_SPLIT, schema.IMAGE_ARRAYS),

@@ -214,7 +214,8 @@ class RecordReader:
         yield i, self.decode(buf, i, fields)
 
 
-_IMAGE_HOT_FIELDS = ("features", "norm_bb", "conf", "num_bb")
+# The fields of an image record that `ImageStore.load` reads every time.
+IMAGE_HOT_FIELDS = ("features", "norm_bb", "conf", "num_bb")
 _TEXT_FIELDS = ("id", "input_ids", "img_keys", "target", "target_labels",
                 "target_scores")
 
@@ -272,7 +273,7 @@ class ImageStore:
     # usual case: detector features are ReLU outputs), which allows a
     # cheaper exact fp16 -> fp32 cast. The files do not change while read.
     self._checked = np.zeros(len(self.keys), np.uint8)
-    self._hot_fields = _IMAGE_HOT_FIELDS + (
+    self._hot_fields = IMAGE_HOT_FIELDS + (
         ("soft_labels",) if with_soft_labels and self._soft is None else ())
 
   def __len__(self) -> int:
